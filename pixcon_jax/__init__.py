@@ -1,0 +1,1 @@
+"""pixcon_jax: supervised pixel-wise contrastive learning for semantic segmentation in JAX/Flax."""

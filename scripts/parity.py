@@ -1,0 +1,46 @@
+"""Checks pixcon_jax against golden outputs of the official PyTorch code.
+
+Usage: python scripts/parity.py CASE.json [CASE.json ...]
+
+Each case file names its `fixture` kind; the matching runner in
+`pixcon_jax.parity` rebuilds the inputs (and stand-in weights via the golden
+folder's `weights.py`), runs our code and prints one JSON line per compared
+quantity with `case`, `max_abs_diff`, `tolerance`, `ok`. Exit status 0 only if
+every line is ok.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+
+from pixcon_jax import parity
+
+
+def main(argv: list[str]) -> int:
+  if not argv:
+    print(__doc__, file=sys.stderr)
+    return 2
+  all_ok = True
+  with jax.default_matmul_precision("highest"):
+    for arg in argv:
+      path = pathlib.Path(arg)
+      if not path.is_file():
+        print(json.dumps({"case": arg, "ok": False, "error": f"no such case file: {path}"}))
+        all_ok = False
+        continue
+      kind = json.loads(path.read_text()).get("fixture")
+      try:
+        rows = parity.runner(kind)(path)
+      except ValueError as e:
+        rows = [{"case": path.stem, "ok": False, "error": str(e)}]
+      for row in rows:
+        print(json.dumps(row), flush=True)
+        all_ok &= bool(row["ok"])
+  return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

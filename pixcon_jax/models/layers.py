@@ -1,0 +1,171 @@
+"""Building blocks shared by every network, matching PyTorch numerics.
+
+Official checkpoints only reproduce their outputs if the primitives behave as
+PyTorch's do: symmetric conv padding, BatchNorm with eps 1e-5 whose running
+variance is updated with the *unbiased* batch variance, bilinear resize with
+`align_corners=True`, and the ceil-mode max-pool of the deep-stem ResNet.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Dtype = Any
+
+# He-normal over fan-out, the initialisation of the official models for convs trained from scratch.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dilation: int = 1,
+         padding: int | None = None, use_bias: bool = False, dtype: Dtype = jnp.float32,
+         name: str | None = None) -> nn.Conv:
+  """A 2-D conv with PyTorch's symmetric padding (default `dilation * (k - 1) // 2`).
+
+  Parameters are float32; `dtype` is the compute dtype. Kernel layout is HWIO.
+  """
+  if padding is None:
+    padding = dilation * (kernel_size - 1) // 2
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                 padding=[(padding, padding), (padding, padding)],
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with PyTorch's running-statistics rule.
+
+  In training the input is normalised with the biased batch variance, and the
+  running variance is updated with the unbiased one (n / (n - 1)), as
+  `torch.nn.BatchNorm2d` does. With `axis_name` the statistics are averaged
+  over that mapped axis (cross-replica / SyncBatchNorm).
+
+  Attributes:
+    use_running_average: True in evaluation (use `batch_stats`), False in training.
+    axis_name: mesh axis to synchronise statistics over, or None.
+    momentum: weight of the old running value (Flax convention; PyTorch 0.1 == 0.9 here).
+    epsilon: added to the variance (PyTorch default 1e-5).
+    dtype: compute dtype of the output; statistics are always float32.
+  """
+  use_running_average: bool
+  axis_name: str | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., C] -> [..., C] in `dtype`."""
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      count = float(np.prod([x.shape[a] for a in axes]))
+      mean = jnp.mean(xf, axes)
+      if self.axis_name is not None:
+        mean = lax.pmean(mean, self.axis_name)
+        count = count * lax.psum(1, self.axis_name)
+      # Two passes (mean, then squared deviations) keep float32 close to PyTorch's kernel.
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if self.axis_name is not None:
+        var = lax.pmean(var, self.axis_name)
+      if not self.is_initializing():
+        unbiased = var * (count / jnp.maximum(count - 1.0, 1.0))
+        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+    mul = scale * lax.rsqrt(var + self.epsilon)
+    y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+    return y.astype(self.dtype)
+
+
+def batch_norm(*, train: bool, axis_name: str | None = None, momentum: float = 0.9,
+               dtype: Dtype = jnp.float32, name: str | None = None) -> BatchNorm:
+  """BN factory: batch statistics (synchronised over `axis_name`) in training, running ones otherwise."""
+  return BatchNorm(use_running_average=not train, axis_name=axis_name if train else None,
+                   momentum=momentum, dtype=dtype, name=name)
+
+
+class BNReLU(nn.Module):
+  """BN then ReLU, named like the official `BNReLU` (`nn.Sequential(BN, ReLU)`): BN params sit under `0`."""
+  train: bool
+  axis_name: str | None = None
+  momentum: float = 0.9
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = batch_norm(train=self.train, axis_name=self.axis_name, momentum=self.momentum,
+                   dtype=self.dtype, name="0")(x)
+    return nn.relu(x)
+
+
+def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source indices and weights of PyTorch's bilinear `align_corners=True` along one axis.
+
+  The arithmetic is float32, as in PyTorch's CPU kernel, so the taps match bit for bit.
+  """
+  if out_size > 1:
+    scale = np.float32(in_size - 1) / np.float32(out_size - 1)
+  else:
+    scale = np.float32(0.0)
+  src = np.arange(out_size, dtype=np.float32) * scale
+  i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  lam = (src - i0.astype(np.float32)).astype(np.float32)
+  return i0, i1, lam
+
+
+def _resize_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+  in_size = x.shape[axis]
+  if in_size == out_size:
+    return x
+  i0, i1, lam = _align_corners_taps(in_size, out_size)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  lam = jnp.asarray(lam, jnp.float32).reshape(shape)
+  x0 = jnp.take(x, jnp.asarray(i0), axis=axis).astype(jnp.float32)
+  x1 = jnp.take(x, jnp.asarray(i1), axis=axis).astype(jnp.float32)
+  return ((1.0 - lam) * x0 + lam * x1).astype(x.dtype)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Bilinear resize with PyTorch's `align_corners=True`.
+
+  Args:
+    x: [B, H, W, C].
+    size: (h, w) output spatial size (static).
+  Returns:
+    [B, h, w, C] in x's dtype; output pixel o samples input coordinate o * (in - 1) / (out - 1).
+  """
+  h, w = int(size[0]), int(size[1])
+  # Width first, then height: the same association of products as PyTorch's kernel.
+  return _resize_axis(_resize_axis(x, 2, w), 1, h)
+
+
+def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+  """`torch.nn.MaxPool2d(window, stride, padding, ceil_mode=True)` on [B, H, W, C].
+
+  The output size is ceil((H + 2p - k) / s) + 1, minus one if the last window
+  would start in the right padding; padded cells are -inf so they never win.
+  """
+  pads = [(0, 0)]
+  for size in x.shape[1:3]:
+    out = -(-(size + 2 * padding - window) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+      out -= 1
+    extra = max((out - 1) * stride + window - size - 2 * padding, 0)
+    pads.append((padding, padding + extra))
+  pads.append((0, 0))
+  init = jnp.array(-jnp.inf, x.dtype)
+  return lax.reduce_window(x, init, lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)

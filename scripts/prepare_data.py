@@ -1,0 +1,28 @@
+"""Prepares a dataset's TFDS ArrayRecord files from its manual downloads.
+
+  python scripts/prepare_data.py --dataset cityscapes --manual_dir DIR --data_dir DIR
+
+See docs/DATA.md for the files each dataset expects in --manual_dir.
+"""
+import json
+
+from absl import app
+from absl import flags
+
+from pixcon_jax.data.prepare import prepare_dataset
+
+_DATASET = flags.DEFINE_enum("dataset", None, ["cityscapes", "pascal_context", "coco_stuff"],
+                             "Dataset to prepare.", required=True)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the manual downloads.",
+                                  required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write.", required=True)
+
+
+def main(argv):
+  del argv
+  counts = prepare_dataset(_DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value)
+  print(json.dumps({"dataset": _DATASET.value, "data_dir": _DATA_DIR.value, "splits": counts}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,85 @@
+"""Converts a PyTorch checkpoint of the official code (or an ImageNet backbone) to an orbax checkpoint.
+
+Usage:
+  python scripts/convert_checkpoint.py --model hrnet_w48_contrast --torch ckpt.pth --out /abs/dir
+  python scripts/convert_checkpoint.py --model hrnet_w48_contrast \
+      --torch hrnetv2_w48_imagenet_pretrained.pth --out /abs/dir --backbone_only
+
+The input is a `.pth` (read with torch, imported only here) or an `.npz` of
+name -> array. A `.pth` holding `{"state_dict": ...}` (the official trainer's
+format) is unwrapped. The output is a StandardCheckpointer checkpoint of
+`{"params", "batch_stats"}` (float32 numpy trees). With `--backbone_only` it
+holds only the "backbone" subtrees; training overlays them on its freshly
+initialised variables with `pixcon_jax.convert.merge_variables`.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from pixcon_jax import convert
+
+_MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. hrnet_w48_contrast")
+_TORCH = flags.DEFINE_string("torch", None, "input .pth or .npz state_dict")
+_OUT = flags.DEFINE_string("out", None, "output checkpoint directory (created; must not exist)")
+_BACKBONE_ONLY = flags.DEFINE_bool(
+    "backbone_only", False, "the input is a bare backbone (ImageNet); keys have no 'backbone.'")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 19, "classes of the segmentation head")
+_ALLOW_PICKLE = flags.DEFINE_bool(
+    "allow_pickle", False, "let torch.load unpickle arbitrary objects (trusted files only)")
+_FORCE = flags.DEFINE_bool("force", False, "overwrite an existing --out directory")
+
+
+def _unwrap(obj: Any) -> dict[str, Any]:
+  """The state_dict inside a checkpoint object (`state_dict`, `model` or the dict itself)."""
+  for key in ("state_dict", "model", "net"):
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      return obj[key]
+  if not isinstance(obj, dict):
+    raise ValueError(f"expected a state_dict (dict of tensors), got {type(obj).__name__}")
+  return obj
+
+
+def load_state_dict(path: pathlib.Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+  """name -> numpy array from a .npz or a .pth."""
+  if path.suffix == ".npz":
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit(f"reading {path} needs PyTorch (pip install torch), or pass an .npz of the "
+                     f"state_dict instead: {e}") from e
+  obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+  return {k: v.detach().cpu().numpy() for k, v in _unwrap(obj).items()
+          if hasattr(v, "detach")}
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  for flag in (_MODEL, _TORCH, _OUT):
+    if flag.value is None:
+      raise app.UsageError(f"--{flag.name} is required")
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+
+  state_dict = load_state_dict(pathlib.Path(_TORCH.value), _ALLOW_PICKLE.value)
+  variables, report = convert.convert_for_model(
+      _MODEL.value, state_dict, num_classes=_NUM_CLASSES.value,
+      backbone_only=_BACKBONE_ONLY.value)
+  print(report.summary())
+  out = pathlib.Path(_OUT.value).resolve()
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(out, variables, force=_FORCE.value)
+  checkpointer.wait_until_finished()
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

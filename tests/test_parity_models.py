@@ -1,0 +1,47 @@
+"""Full-width networks against the official PyTorch outputs (every model case in ../shared/golden).
+
+These run the real HRNet-W48 / ResNet-101 sizes at the fixtures' small inputs;
+on CPU each case takes roughly 20-40 s, most of it XLA compilation.
+"""
+import json
+import pathlib
+
+import pytest
+
+from pixcon_jax import models
+from pixcon_jax import parity
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden"
+MODEL_KINDS = ("model_eval", "backbone_train")
+
+
+def _model_cases() -> list[pathlib.Path]:
+  cases = []
+  for path in sorted(GOLDEN.glob("*.json")):
+    try:
+      kind = json.loads(path.read_text()).get("fixture")
+    except (json.JSONDecodeError, OSError):
+      continue
+    if kind in MODEL_KINDS:
+      cases.append(path)
+  return cases
+
+
+def test_golden_folder_has_the_model_cases(golden_dir):
+  names = {p.stem for p in _model_cases()}
+  assert {"hrnet_w48_contrast", "hrnet_w48_ocr_contrast", "hrnet_w48_backbone_train"} <= names
+
+
+@pytest.mark.parametrize("case", _model_cases(), ids=lambda p: p.stem)
+def test_model_matches_official_outputs(case, golden_dir):
+  meta = json.loads(case.read_text())
+  if meta["fixture"] == "model_eval":
+    assert meta["model"] in models.model_names(), f"model {meta['model']!r} is not registered"
+  rows = parity.runner(meta["fixture"])(case)
+  bad = [r for r in rows if not r["ok"]]
+  assert rows and not bad, bad[:5]
+  outputs = {r["output"] for r in rows}
+  assert "backbone.0" in outputs
+  if meta["fixture"] == "model_eval":
+    assert set(meta["outputs"]) <= outputs

@@ -1,0 +1,368 @@
+"""The paper's pixel-wise contrastive loss, Eq. 3, over mini-batch pixels and the memory bank.
+
+For an anchor pixel i of class c with positives P_i and negatives N_i (paper Eq. 3):
+
+  L_i = 1/|P_i| sum_{i+ in P_i} -log( e^{i.i+/tau} / (e^{i.i+/tau} + sum_{i- in N_i} e^{i.i-/tau}) )
+      = 1/|P_i| sum_{i+} softplus( LSE_{i-}(i.i-/tau) - i.i+/tau ),
+
+averaged over the valid anchors (an anchor with no positive or no negative is not valid). The
+contrast set is any combination of the mini-batch pixels, the pixel memory and the region memory
+(Table 2), inter-image or intra-image (Table 1: only the anchor's own image, no memory).
+
+Cost model and the candidate-pool approximation
+-----------------------------------------------
+Scanning the whole bank (19 x (29750 + 2975) entries) for every one of the 950 anchors costs ~3e11
+FLOPs forward; the loss must stay within ~3% of an HRNet-W48 step (~6e10 FLOPs for loss + grad).
+So every step draws random candidate pools without replacement (`sampling.sample_pool`):
+
+- positives of class c: `positive_pool` entries (default 10240 = 10 x K+) of class c, a share
+  `batch_pool_fraction` (0.2) from the mini-batch and the rest from the union of the pixel and
+  region memories (uniform over that union, so pixel vs region weights follow their sizes);
+- negatives: one pool of `negative_pool` entries (default 20480 = 10 x K-) shared by all classes,
+  split the same way; for class c its entries of other classes are the negatives (so class c sees
+  about (1 - share of c) x pool negatives).
+
+Semi-hard mining (Sec. 3.2: top 10% hardest of M, then K at random) is applied to the pool: the
+members of a uniform random pool that lie in the bank's hardest 10% are a uniform random subset of
+that 10%, so with pool = K / fraction the pool's top 10% is an unbiased stand-in for "K at random
+from the bank's top 10%" (up to the fluctuation of the pool quantile). When a class's usable share
+of a pool has a top 10% smaller than K (shared negative pool, early small bank), the top part is
+widened to K (`semi_hard_at_least_k`), i.e. a slightly deeper quantile, so K samples are still used.
+With every pool at least as large as its source the pools are the whole sources and the loss is
+exact (the tests compare with a direct numpy Eq. 3).
+'hardest' on a pool smaller than the bank is the hardest *of the pool*, i.e. not the paper's
+hardest-of-M: set the pools to the bank size (at ~1e12 FLOPs) for the exact ablation.
+
+Memory: anchors are processed one class block at a time (`lax.map` under `jax.checkpoint`); a block
+computes similarities [A_c, pool] by matmul, selects indices with top_k on masked scores and takes
+the selected similarity values with take_along_axis, so the gradient goes back through the block
+matmul (dS @ pool for the anchors, dS^T @ anchors for in-batch pool pixels), never through
+[A, K, D] gathered embeddings. Only the selected indices and values are kept for the backward pass
+(`_REMAT_POLICY`): no [A, pool] block is stored and no similarity matmul is recomputed.
+Gradients reach the anchors and the in-batch contrast pixels; memory keys are constants.
+
+Measured at paper settings (scripts/bench_contrast.py, CPU): see the JSON it prints
+(`temp_bytes`, `flops`, `contrast_flop_share`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from pixcon_jax.contrast import sampling
+from pixcon_jax.contrast.labels import downsample_labels
+from pixcon_jax.contrast.memory import MemoryBank
+
+SOURCES = ("batch", "pixel_memory", "region_memory")
+_SELECTION = "contrast_selection"
+# Per class block only the mined indices and their similarity values survive to the backward pass
+# ([A, K+ + K-] int32 + float32 + mask, ~1.5 MB per class at paper settings). Everything else --
+# pool gathers, the [A, pool] similarity blocks, the top_k -- is dropped; the backward of
+# take_along_axis needs only the indices and that of the block matmul only its inputs, so the
+# similarity matmuls are not recomputed (only the cheap pool gathers are).
+_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_SELECTION)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastSettings:
+  """Static settings of `pixel_contrast_loss` (bound once with functools.partial).
+
+  Attributes:
+    temperature: tau of Eq. 3 (paper 0.1).
+    base_temperature: if set, the loss is scaled by tau / base_tau (official code: 0.07).
+    sources: contrast set, any of 'batch', 'pixel_memory', 'region_memory' (Table 2).
+    scope: 'inter' (across images) or 'intra' (anchor's own image only, batch source only; Table 1).
+    anchor_sampling: 'random' or 'seg_aware_hard' (half mispredicted pixels).
+    anchors_per_class: anchors per class per (per-device) mini-batch (paper 50).
+    mining: 'random', 'hardest' or 'semi_hard' positive/negative sampling (Table 3).
+    num_positives: K+ (paper 1024).
+    num_negatives: K- (paper 2048).
+    semi_hard_fraction: the hardest fraction kept before random sampling (paper 0.1).
+    semi_hard_at_least_k: keep at least min(K, n) hardest before the random draw, so a pool whose
+      top fraction is smaller than K (e.g. a class's share of the shared negative pool, or an
+      early, small bank) still yields K samples; the paper's bank (top 10% of ~600k) always holds
+      more than K. False = strictly the top fraction.
+    top_k: 'exact' (lax.top_k) or 'approx' (lax.approx_max_k, for TPU).
+    positive_pool: candidate pool per class for positives (default 10 x K+; see module doc).
+    negative_pool: candidate pool shared by all classes for negatives (default 10 x K-).
+    batch_pool_fraction: share of each pool drawn from the mini-batch when memory is also a source.
+    class_block: classes whose anchors are processed together per loop step (memory vs speed).
+    remat: checkpoint each class block, keeping only the selected indices and values for the
+      backward pass (False stores every block's residuals: more memory, same FLOPs).
+    unroll: unroll the class loop (only so that XLA cost analysis counts every iteration).
+    num_classes: C; None = taken from the memory bank.
+    ignore_label: label value without a class (255).
+  """
+  temperature: float = 0.1
+  base_temperature: float | None = None
+  sources: tuple[str, ...] = SOURCES
+  scope: str = "inter"
+  anchor_sampling: str = "seg_aware_hard"
+  anchors_per_class: int = 50
+  mining: str = "semi_hard"
+  num_positives: int = 1024
+  num_negatives: int = 2048
+  semi_hard_fraction: float = 0.1
+  semi_hard_at_least_k: bool = True
+  top_k: str = "exact"
+  positive_pool: int = 10240
+  negative_pool: int = 20480
+  batch_pool_fraction: float = 0.2
+  class_block: int = 1
+  remat: bool = True
+  unroll: bool = False
+  num_classes: int | None = None
+  ignore_label: int = 255
+
+  def __post_init__(self):
+    object.__setattr__(self, "sources", tuple(self.sources))
+    bad = [s for s in self.sources if s not in SOURCES]
+    if bad or not self.sources:
+      raise ValueError(f"contrast sources must be a non-empty subset of {SOURCES}, got "
+                       f"{self.sources}")
+    if self.scope not in ("inter", "intra"):
+      raise ValueError(f"contrast scope must be 'inter' or 'intra', got {self.scope!r}")
+    if self.scope == "intra" and self.sources != ("batch",):
+      raise ValueError("scope='intra' contrasts within the anchor's image only: sources must be "
+                       f"('batch',), got {self.sources}")
+    if self.anchor_sampling not in ("random", "seg_aware_hard"):
+      raise ValueError(f"anchor_sampling must be 'random' or 'seg_aware_hard', got "
+                       f"{self.anchor_sampling!r}")
+    if self.mining not in ("random", "hardest", "semi_hard"):
+      raise ValueError(f"mining must be 'random', 'hardest' or 'semi_hard', got {self.mining!r}")
+    if self.top_k not in ("exact", "approx"):
+      raise ValueError(f"top_k must be 'exact' or 'approx', got {self.top_k!r}")
+    if not 0.0 < self.semi_hard_fraction <= 1.0:
+      raise ValueError(f"semi_hard_fraction must be in (0, 1], got {self.semi_hard_fraction}")
+    if not 0.0 <= self.batch_pool_fraction <= 1.0:
+      raise ValueError(f"batch_pool_fraction must be in [0, 1], got {self.batch_pool_fraction}")
+    for name in ("anchors_per_class", "num_positives", "num_negatives", "positive_pool",
+                 "negative_pool", "class_block"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"contrast.{name} must be >= 1, got {getattr(self, name)}")
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any], **overrides) -> "ContrastSettings":
+    """Builds settings from `config.contrast` (same key names; unknown keys are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(config).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+  @property
+  def uses_memory(self) -> bool:
+    return any(s in self.sources for s in ("pixel_memory", "region_memory"))
+
+  def pool_split(self, total: int) -> tuple[int, int]:
+    """(batch, memory) shares of a pool of `total` candidates."""
+    if "batch" not in self.sources:
+      return 0, total
+    if not self.uses_memory:
+      return total, 0
+    batch = int(round(total * self.batch_pool_fraction))
+    return batch, total - batch
+
+
+def _align(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  return x if x.shape[1:] == size else downsample_labels(x, size)
+
+
+def _memory_union(memory: MemoryBank, sources: tuple[str, ...]):
+  """Which bank parts form the memory contrast set: (use_pixel, use_region, T, R)."""
+  use_pixel = "pixel_memory" in sources
+  use_region = "region_memory" in sources
+  return use_pixel, use_region, memory.pixel_keys.shape[1], memory.region_keys.shape[1]
+
+
+def _gather_union(memory: MemoryBank, cls: jax.Array, slot: jax.Array, use_pixel: bool,
+                  use_region: bool, dtype=jnp.float32) -> jax.Array:
+  """Keys at (cls, slot) of the [pixel | region] union of one class row; slot >= T is region."""
+  t = memory.pixel_keys.shape[1]
+  if use_pixel and use_region:
+    pix = memory.pixel_keys[cls, jnp.minimum(slot, t - 1)]
+    reg = memory.region_keys[cls, jnp.maximum(slot - t, 0)]
+    keys = jnp.where((slot < t)[..., None], pix, reg)
+  elif use_pixel:
+    keys = memory.pixel_keys[cls, slot]
+  else:
+    keys = memory.region_keys[cls, slot]
+  return lax.stop_gradient(keys.astype(dtype))
+
+
+def _safe_logsumexp(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masked log-sum-exp over the last axis; (value, any) with value 0 where nothing is valid.
+
+  Invalid entries are replaced before exp (double-where), so neither the value nor the gradient
+  can become NaN / Inf for empty rows.
+  """
+  any_valid = jnp.any(valid, axis=-1)
+  m = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-1)
+  m = jnp.where(any_valid, lax.stop_gradient(m), 0.0)
+  x = jnp.where(valid, x, m[..., None])
+  s = jnp.sum(jnp.where(valid, jnp.exp(x - m[..., None]), 0.0), axis=-1)
+  return jnp.where(any_valid, m + jnp.log(jnp.where(any_valid, s, 1.0)), 0.0), any_valid
+
+
+def eq3_anchor_loss(pos: jax.Array, pos_valid: jax.Array, neg: jax.Array, neg_valid: jax.Array,
+                    temperature: float) -> tuple[jax.Array, jax.Array]:
+  """Eq. 3 per anchor from selected similarities.
+
+  Args:
+    pos: [A, K+] anchor-positive similarities; pos_valid: [A, K+] bool.
+    neg: [A, K-] anchor-negative similarities; neg_valid: [A, K-] bool.
+  Returns:
+    loss [A] (0 where invalid), valid [A] (at least one positive and one negative).
+  """
+  lse_neg, has_neg = _safe_logsumexp(neg / temperature, neg_valid)
+  # -log(e^{s+} / (e^{s+} + sum e^{s-})) = softplus(LSE(s-) - s+), stable for any magnitude.
+  per_pos = jax.nn.softplus(lse_neg[:, None] - pos / temperature)
+  num_pos = jnp.sum(pos_valid, axis=-1)
+  per_anchor = jnp.sum(jnp.where(pos_valid, per_pos, 0.0), axis=-1) / jnp.maximum(num_pos, 1)
+  valid = has_neg & (num_pos > 0)
+  return jnp.where(valid, per_anchor, 0.0), valid
+
+
+def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Array | None,
+                        image_id: jax.Array, memory: MemoryBank | None, rng: jax.Array, *,
+                        settings: ContrastSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Eq. 3 averaged over anchors sampled from this (per-device) mini-batch.
+
+  Args:
+    embedding: [B, h, w, D] float, L2-normalised pixel embeddings (projection head output).
+    label: [B, h, w] at the embedding resolution, or full size [B, H, W]; full-size labels are
+      brought to (h, w) with the PyTorch legacy nearest rule (`contrast.labels.downsample_labels`).
+    predict: [B, h, w] (or another size, resized the same way) predicted class ids; needed for
+      anchor_sampling='seg_aware_hard', else may be None.
+    image_id: [B] int; pixels of equal image_id are "the same image" for scope='intra'.
+    memory: the bank *before* this step's update (None if no memory source).
+    rng: PRNG key.
+    settings: static ContrastSettings.
+  Returns:
+    loss: scalar float32 (0 when no anchor is valid, e.g. an all-ignore batch).
+    metrics: num_valid_anchors, valid_anchor_fraction, num_hard_anchors, mean_positives,
+      mean_negatives (per valid anchor), all float32 scalars.
+  """
+  s = settings
+  b, h, w, d = embedding.shape
+  num_classes = s.num_classes or (memory.num_classes if memory is not None else None)
+  if num_classes is None:
+    raise ValueError("ContrastSettings.num_classes is required when no memory bank is given")
+  if s.uses_memory and memory is None:
+    raise ValueError(f"contrast sources {s.sources} need a memory bank, got None")
+  label = _align(label, (h, w)).reshape(-1)
+  if predict is not None:
+    predict = _align(predict, (h, w)).reshape(-1)
+  # Similarities in float32 at least (bfloat16 embeddings are upcast; float64 stays, for tests).
+  dtype = jnp.promote_types(embedding.dtype, jnp.float32)
+  emb = embedding.astype(dtype).reshape(b * h * w, d)
+  image = jnp.repeat(image_id.astype(jnp.int32), h * w)  # [P]
+  pixel_ok = (label >= 0) & (label < num_classes) & (label != s.ignore_label)
+  classes = jnp.arange(num_classes)
+  rng_anchor, rng_bp, rng_bn, rng_mp, rng_mn, rng_mine = jax.random.split(rng, 6)
+
+  anchor_index, anchor_valid, anchor_hard = sampling.sample_anchors(
+      label, predict, rng_anchor, num_classes=num_classes,
+      anchors_per_class=s.anchors_per_class, mode=s.anchor_sampling,
+      ignore_label=s.ignore_label)  # [C, A]
+  xs = dict(cls=classes, anchor=emb[anchor_index], anchor_index=anchor_index,
+            anchor_valid=anchor_valid, anchor_image=image[anchor_index],
+            rng=jax.random.split(rng_mine, num_classes))
+  consts = {}
+  batch_pos, mem_pos = s.pool_split(s.positive_pool)
+  batch_neg, mem_neg = s.pool_split(s.negative_pool)
+  if batch_pos:
+    # Positives from the batch: pixels of class c (gathered once; gradients flow into them).
+    is_class = pixel_ok[None, :] & (label[None, :] == classes[:, None])  # [C, P]
+    idx, ok = sampling.sample_pool(is_class, batch_pos, rng_bp)
+    xs.update(bp=emb[idx], bp_index=idx, bp_valid=ok, bp_image=image[idx])
+  if batch_neg:
+    idx, ok = sampling.sample_pool(pixel_ok, batch_neg, rng_bn)
+    consts.update(bn=emb[idx], bn_valid=ok, bn_label=label[idx], bn_image=image[idx])
+  if s.uses_memory:
+    use_pixel, use_region, t, r = _memory_union(memory, s.sources)
+    parts = ([memory.pixel_valid] if use_pixel else []) + (
+        [memory.region_valid] if use_region else [])
+    row_valid = jnp.concatenate(parts, axis=1)  # [C, T (+ R)]
+    width = row_valid.shape[1]
+    # Positives from memory: per class, uniform over the valid [pixel | region] entries of c.
+    if mem_pos:
+      idx, ok = sampling.sample_pool(row_valid, mem_pos, rng_mp)
+      xs.update(mp_slot=idx, mp_valid=ok)
+    if mem_neg:
+      # Negatives from memory: one pool over all classes' valid entries.
+      idx, ok = sampling.sample_pool(row_valid.reshape(-1), mem_neg, rng_mn)
+      cls, slot = idx // width, idx % width
+      consts.update(nm=_gather_union(memory, cls, slot, use_pixel, use_region, dtype), nm_valid=ok,
+                    nm_label=cls)
+
+  def block(x, consts):
+    """One class: [A, D] anchors against its positive pool and the shared negative pool."""
+    a = x["anchor"]
+    intra = s.scope == "intra"
+    pos_sim, pos_ok, neg_sim, neg_ok = [], [], [], []
+    if "bp" in x:
+      pos_sim.append(a @ x["bp"].T)
+      ok = x["bp_valid"][None, :] & (x["bp_index"][None, :] != x["anchor_index"][:, None])
+      if intra:
+        ok &= x["bp_image"][None, :] == x["anchor_image"][:, None]
+      pos_ok.append(ok)
+    if "mp_slot" in x:
+      keys = _gather_union(memory, x["cls"], x["mp_slot"], use_pixel, use_region, dtype)
+      pos_sim.append(a @ keys.T)
+      pos_ok.append(jnp.broadcast_to(x["mp_valid"][None, :], pos_sim[-1].shape))
+    if "bn" in consts:
+      neg_sim.append(a @ consts["bn"].T)
+      ok = (consts["bn_valid"] & (consts["bn_label"] != x["cls"]))[None, :]
+      if intra:
+        ok = ok & (consts["bn_image"][None, :] == x["anchor_image"][:, None])
+      neg_ok.append(jnp.broadcast_to(ok, neg_sim[-1].shape))
+    if "nm" in consts:
+      neg_sim.append(a @ consts["nm"].T)
+      ok = (consts["nm_valid"] & (consts["nm_label"] != x["cls"]))[None, :]
+      neg_ok.append(jnp.broadcast_to(ok, neg_sim[-1].shape))
+    pos_sim, pos_ok = jnp.concatenate(pos_sim, 1), jnp.concatenate(pos_ok, 1)
+    neg_sim, neg_ok = jnp.concatenate(neg_sim, 1), jnp.concatenate(neg_ok, 1)
+    rng_pos, rng_neg = jax.random.split(x["rng"])
+
+    def mine(sim, ok, key, num, harder):
+      index, ok = sampling.mine_indices(
+          sim, ok & x["anchor_valid"][:, None], key, num=num, mode=s.mining, harder=harder,
+          fraction=s.semi_hard_fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k)
+      # Saved for the backward pass (see _REMAT_POLICY): with the indices known, the backward
+      # needs neither the similarity block nor the top_k, only the (cheap) pool gathers.
+      index, ok = checkpoint_name((index, ok), _SELECTION)
+      return checkpoint_name(jnp.take_along_axis(sim, index, axis=-1), _SELECTION), ok
+
+    pos, pos_ok = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low")
+    neg, neg_ok = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high")
+    loss, ok = eq3_anchor_loss(pos, pos_ok, neg, neg_ok, s.temperature)
+    ok &= x["anchor_valid"]
+    return dict(loss=jnp.sum(jnp.where(ok, loss, 0.0)), valid=jnp.sum(ok),
+                pos=jnp.sum(jnp.where(ok, jnp.sum(pos_ok, -1), 0)),
+                neg=jnp.sum(jnp.where(ok, jnp.sum(neg_ok, -1), 0)))
+
+  body = jax.checkpoint(block, policy=_REMAT_POLICY) if s.remat else block
+  if s.unroll:
+    per_class = [body(jax.tree.map(lambda v: v[c], xs), consts) for c in range(num_classes)]
+    out = jax.tree.map(lambda *v: jnp.stack(v), *per_class)
+  else:
+    block_size = min(s.class_block, num_classes)
+    out = lax.map(lambda x: body(x, consts), xs, batch_size=block_size if block_size > 1 else None)
+  num_valid = jnp.sum(out["valid"])
+  denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
+  loss = jnp.sum(out["loss"]) / denom.astype(dtype)
+  if s.base_temperature is not None:
+    loss = loss * (s.temperature / s.base_temperature)
+  num_valid = num_valid.astype(jnp.float32)
+  metrics = dict(
+      num_valid_anchors=num_valid,
+      valid_anchor_fraction=num_valid / float(anchor_valid.size),
+      num_hard_anchors=jnp.sum(anchor_hard).astype(jnp.float32),
+      mean_positives=jnp.sum(out["pos"]).astype(jnp.float32) / denom,
+      mean_negatives=jnp.sum(out["neg"]).astype(jnp.float32) / denom)
+  return loss, metrics

@@ -1,0 +1,221 @@
+"""Static-shape sampling for the pixel contrast (paper Sec. 3.2, "Hard Example Sampling").
+
+Everything here has fixed output shapes plus validity masks: a selection is a `lax.top_k` over
+masked random (or hardness) scores, never boolean indexing or Python branching on data, so the
+functions are jit- and shard_map-safe.
+
+- `sample_pool`: a uniform candidate pool of fixed size from the valid entries of a set (stratified
+  without replacement; exact -- the whole set -- when the pool is at least as large as the set).
+- `sample_anchors`: per-class anchors, random or segmentation-aware hard (half mispredicted pixels).
+- `mine`: per-anchor positive / negative selection from a similarity block: random, hardest
+  (top-K), semi-hard (top `fraction` hardest, then K at random from them).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+TopK = Literal["exact", "approx"]
+Mining = Literal["random", "hardest", "semi_hard"]
+AnchorSampling = Literal["random", "seg_aware_hard"]
+
+_NEG_INF = -jnp.inf
+
+
+def masked_top_k(score: jax.Array, valid: jax.Array, k: int, *,
+                 top_k: TopK = "exact") -> tuple[jax.Array, jax.Array]:
+  """Indices of the k largest valid scores along the last axis.
+
+  Args:
+    score: [..., n] float scores (not differentiated: selection only).
+    valid: [..., n] bool, False entries are never reported as valid.
+    k: static number to select; the output width is min(k, n).
+    top_k: 'exact' (`lax.top_k`) or 'approx' (`lax.approx_max_k`, faster on TPU, recall ~0.95).
+  Returns:
+    index [..., min(k, n)] int32, valid [..., min(k, n)] bool (False when fewer than k valid).
+  """
+  n = score.shape[-1]
+  k = min(int(k), n)
+  score = jnp.where(valid, lax.stop_gradient(score).astype(jnp.float32), _NEG_INF)
+  if k == n:
+    # Everything is selected: no need for a sort.
+    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), score.shape)
+    return index, valid
+  if top_k == "approx":
+    values, index = lax.approx_max_k(score, k)
+  elif top_k == "exact":
+    values, index = lax.top_k(score, k)
+  else:
+    raise ValueError(f"top_k must be 'exact' or 'approx', got {top_k!r}")
+  return index.astype(jnp.int32), values > _NEG_INF
+
+
+def sample_pool(valid: jax.Array, k: int, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Uniform candidate pool of k distinct valid entries along the last axis.
+
+  Stratified sampling without replacement: with n valid entries (n >= k) the rank range [0, n) is
+  cut into k strata of (near) equal width, one rank is drawn uniformly in each and all ranks are
+  cyclically shifted by a random offset, so every valid entry has the same inclusion probability
+  k / n, there are no duplicates, and the cost is O(n) (a cumulative sum) plus O(k log n) (a
+  search) -- no sort of the whole set. (Unlike a simple random sample, entries far apart in the
+  order are favoured over neighbours; in the bank, neighbours are pixels of the same image/step.)
+  With n < k all valid entries are returned. With k >= the static size of the axis the result is
+  the whole axis (exact).
+
+  Args:
+    valid: [..., n] bool.
+    k: static pool size (k * k must fit in int32, i.e. k <= 46340).
+    rng: PRNG key.
+  Returns:
+    index [..., min(k, n)] int32 into the last axis, valid [..., min(k, n)] bool.
+  """
+  n_static = valid.shape[-1]
+  if k >= n_static:
+    index = jnp.broadcast_to(jnp.arange(n_static, dtype=jnp.int32), valid.shape)
+    return index, valid
+  if k > 46340:
+    raise ValueError(f"pool size k={k} too large for int32 stratum arithmetic (max 46340)")
+  lead = valid.shape[:-1]
+  count = jnp.cumsum(valid.astype(jnp.int32), axis=-1)  # [..., n]
+  n = count[..., -1:]  # [..., 1] number of valid entries
+  j = jnp.arange(k, dtype=jnp.int32)
+  # start_j = floor(j * n / k) without int32 overflow: j*n = j*(q*k + r).
+  q, r = n // k, n % k
+  start = j * q + (j * r) // k
+  stop = (j + 1) * q + ((j + 1) * r) // k
+  u = jax.random.uniform(rng, lead + (k,))
+  width = (stop - start).astype(jnp.float32)
+  rank = start + jnp.minimum(jnp.floor(u * width).astype(jnp.int32), stop - start - 1)
+  # A random cyclic shift of the ranks makes every entry's inclusion probability exactly k / n
+  # (strata have widths floor(n/k) or ceil(n/k); the shift averages over which stratum it is in).
+  shift = jnp.floor(jax.random.uniform(jax.random.fold_in(rng, 1), n.shape) * n).astype(jnp.int32)
+  rank = (rank + jnp.minimum(shift, n - 1)) % jnp.maximum(n, 1)
+  rank = jnp.where(n >= k, rank, j)  # fewer valid entries than k: take them all
+  ok = rank < n
+  # The rank-th valid entry is the first position whose inclusive count exceeds rank.
+  search = lambda c, v: jnp.searchsorted(c, v, side="right").astype(jnp.int32)
+  for _ in lead:
+    search = jax.vmap(search)
+  index = search(count, rank)
+  index = jnp.where(ok, jnp.minimum(index, n_static - 1), 0)
+  return index, ok
+
+
+def sample_anchors(label: jax.Array, predict: jax.Array | None, rng: jax.Array, *,
+                   num_classes: int, anchors_per_class: int,
+                   mode: AnchorSampling = "seg_aware_hard",
+                   ignore_label: int = 255) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-class anchor pixels (paper Sec. 3.2; 50 per class per mini-batch in Sec. 3.3).
+
+  'random': `anchors_per_class` pixels of each class uniformly without replacement.
+  'seg_aware_hard': half (floor) of them among the mispredicted pixels (`predict != label`), the
+  rest uniformly among the class's other pixels; with fewer hard pixels than half, the random part
+  fills the gap, and with fewer pixels than anchors all of the class's pixels are taken.
+
+  Args:
+    label: [P] int class ids at the embedding resolution (ignore_label / out of range = no class).
+    predict: [P] int predicted class ids (only read by 'seg_aware_hard').
+    rng: PRNG key.
+  Returns:
+    index [C, A] int32 into P, valid [C, A] bool, hard [C, A] bool (anchor is mispredicted).
+  """
+  classes = jnp.arange(num_classes, dtype=label.dtype)[:, None]
+  is_class = (label[None, :] == classes) & (label[None, :] != ignore_label)  # [C, P]
+  num_pixels = label.shape[0]
+  rng_hard, rng_rand = jax.random.split(rng)
+  score = jax.random.uniform(rng_rand, is_class.shape)
+  if mode == "random":
+    index, valid = masked_top_k(score, is_class, anchors_per_class)
+  elif mode == "seg_aware_hard":
+    if predict is None:
+      raise ValueError("anchor_sampling='seg_aware_hard' needs `predict`")
+    hard = is_class & (predict[None, :] != classes)
+    hard_index, hard_valid = masked_top_k(
+        jax.random.uniform(rng_hard, hard.shape), hard, anchors_per_class // 2)
+    # Chosen hard pixels get priority 2 + u over the class's other pixels (u in [0, 1)), so one
+    # top_k returns them first and then a random fill; no duplicates by construction.
+    rows = jnp.broadcast_to(jnp.arange(num_classes)[:, None], hard_index.shape)
+    chosen = jnp.zeros(is_class.shape, jnp.float32).at[
+        rows, jnp.where(hard_valid, hard_index, num_pixels)].set(2.0, mode="drop")
+    index, valid = masked_top_k(score + chosen, is_class, anchors_per_class)
+  else:
+    raise ValueError(f"anchor sampling must be 'random' or 'seg_aware_hard', got {mode!r}")
+  if predict is None:
+    is_hard = jnp.zeros(index.shape, bool)
+  else:
+    is_hard = valid & (jnp.take(predict, index) != jnp.take(label, index))
+  return index, valid, is_hard
+
+
+def _fraction_count(n: jax.Array | int, fraction: float):
+  """ceil(fraction * n), robust to float rounding of exact products (0.1 * 10240 -> 1024)."""
+  if isinstance(n, int):
+    return max(min(n, 1), min(n, math.ceil(fraction * n - 1e-3)))
+  m = jnp.ceil(n.astype(jnp.float32) * fraction - 1e-3).astype(jnp.int32)
+  return jnp.clip(m, jnp.minimum(n, 1), n)
+
+
+def mine_indices(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,
+                 harder: Literal["low", "high"], fraction: float = 0.1,
+                 top_k: TopK = "exact",
+                 at_least_num: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Selects per anchor `num` entries of a similarity block (see `mine`); returns indices.
+
+  Args:
+    sim: [A, Q] similarities (anchors x candidate pool); only compared, never differentiated.
+    valid: [A, Q] bool, candidates usable by each anchor.
+    rng: PRNG key.
+  Returns:
+    index [A, K'] int32 into Q (K' <= num, static), valid [A, K'] bool.
+  """
+  q = sim.shape[-1]
+  sim = lax.stop_gradient(sim)
+  hardness = -sim if harder == "low" else sim
+  if mode == "random":
+    return masked_top_k(jax.random.uniform(rng, sim.shape), valid, num, top_k=top_k)
+  if mode == "hardest":
+    return masked_top_k(hardness, valid, num, top_k=top_k)
+  if mode == "semi_hard":
+    n_valid = jnp.sum(valid, axis=-1)  # [A]
+    m = _fraction_count(n_valid, fraction)
+    top = _fraction_count(q, fraction)  # static bound on m
+    if at_least_num:
+      m = jnp.maximum(m, jnp.minimum(num, n_valid))
+      top = min(q, max(top, num))
+    top_index, top_ok = masked_top_k(hardness, valid, top, top_k=top_k)
+    top_ok = top_ok & (jnp.arange(top_index.shape[-1])[None, :] < m[:, None])
+    if num >= top_index.shape[-1]:
+      return top_index, top_ok
+    pick, ok = masked_top_k(jax.random.uniform(rng, top_index.shape), top_ok, num, top_k=top_k)
+    return jnp.take_along_axis(top_index, pick, axis=-1), ok
+  raise ValueError(f"mining must be 'random', 'hardest' or 'semi_hard', got {mode!r}")
+
+
+def mine(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,
+         harder: Literal["low", "high"], fraction: float = 0.1, top_k: TopK = "exact",
+         at_least_num: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Selects per anchor `num` entries of a similarity block and returns their similarity values.
+
+  The values are taken with `take_along_axis` from `sim`, so gradients flow back through whatever
+  produced `sim` (the block matmul), never through gathered embeddings.
+
+  Modes (paper Sec. 3.2): 'random' -- uniform among the valid entries; 'hardest' -- the `num`
+  hardest; 'semi_hard' -- the ceil(fraction * n_valid) hardest, then `num` uniformly among them
+  (with `at_least_num`, the top part holds at least min(num, n_valid) entries, so a pool whose
+  top fraction is smaller than `num` still yields `num` samples).
+  Harder means lower similarity for positives (`harder='low'`), higher for negatives ('high').
+
+  Args:
+    sim: [A, Q] similarities (anchors x candidate pool).
+    valid: [A, Q] bool, candidates usable by each anchor.
+    rng: PRNG key.
+  Returns:
+    values [A, K'] float (K' <= num, static), valid [A, K'] bool.
+  """
+  index, ok = mine_indices(sim, valid, rng, num=num, mode=mode, harder=harder,
+                           fraction=fraction, top_k=top_k, at_least_num=at_least_num)
+  return jnp.take_along_axis(sim, index, axis=-1), ok

@@ -12,12 +12,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from pixcon_jax.data import cityscapes
 from pixcon_jax.models.layers import resize_bilinear
 
-# The 19 Cityscapes class weights of the official configs (`loss.params.ce_weight`), train-id order.
-CITYSCAPES_CLASS_WEIGHTS: tuple[float, ...] = (
-    0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
-    0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507)
+# The 19 official Cityscapes class weights; their single home is the Cityscapes class table.
+CITYSCAPES_CLASS_WEIGHTS: tuple[float, ...] = cityscapes.CLASS_WEIGHTS
 
 # Official OhemCE settings (`ohem_thresh`, `ohem_minkeep` in the Cityscapes configs).
 OHEM_THRESHOLD = 0.7

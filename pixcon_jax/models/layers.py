@@ -167,5 +167,5 @@ def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2, padding: int =
     extra = max((out - 1) * stride + window - size - 2 * padding, 0)
     pads.append((padding, padding + extra))
   pads.append((0, 0))
-  init = jnp.array(-jnp.inf, x.dtype)
-  return lax.reduce_window(x, init, lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)
+  # A Python scalar init keeps reduce_window differentiable (an array init is not).
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)

@@ -1,0 +1,20 @@
+"""Cityscapes, HRNetV2-W48 + pixel contrast: the paper's full method (Tables 1-3, 81.0 val mIoU).
+
+Args (comma-separated): runlocal (CPU-sized), official (the released recipe: in-batch,
+lambda 0.1 after 5000 steps, tau/base_tau, 40K steps), bf16 (bfloat16 compute).
+  python -m pixcon_jax.main --config=configs/cityscapes_hrnet.py:official --workdir=...
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ is not a package.
+import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg=None):
+  c = common.base_config(model="hrnet_w48_contrast", dataset="cityscapes", num_classes=19,
+                         crop_size=(512, 1024), batch_size=8, lr=0.01, total_steps=100_000)
+  c.loss.class_weights = "cityscapes"  # Official ce_weight (HRNet convention).
+  if "official" in common.parse_arg(arg):
+    c.schedule.total_steps = 40_000  # Official H_48_D_4 contrast config.
+  return common.finalize(c, arg)

@@ -1,0 +1,15 @@
+"""Cityscapes, HRNetV2-W48 + OCR + pixel contrast (paper Table 4)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ is not a package.
+import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg=None):
+  c = common.base_config(model="hrnet_w48_ocr_contrast", dataset="cityscapes", num_classes=19,
+                         crop_size=(512, 1024), batch_size=8, lr=0.01, total_steps=100_000)
+  c.loss.class_weights = "cityscapes"  # Official ce_weight.
+  if "official" in common.parse_arg(arg):
+    c.schedule.total_steps = 40_000
+  return common.finalize(c, arg)

@@ -1,0 +1,213 @@
+"""Orbax checkpoints: train state + grain iterator state in one composite; preemption; init_from.
+
+A checkpoint at step s holds the `TrainState` after s steps and the data iterator positioned
+at the batch of step s + 1, written together (a composite item, finalised atomically by
+orbax's rename of its temporary directory), so a restart resumes with the same batch, LR,
+optimizer state, memory bank and RNG. Kept: the latest `max_to_keep` plus the best-mIoU one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Mapping
+
+import grain.python as grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+STATE = "state"
+DATA = "data"
+BEST_METRIC = "miou"
+
+
+def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """CheckpointManager under `workdir/checkpoints` for the composite {state, data}."""
+  ck = config.checkpoint
+  policies = [ocm.LatestN(n=int(ck.max_to_keep))]
+  if ck.get("keep_best", True):
+    policies.append(ocm.BestN(get_metric_fn=lambda m: float(m[BEST_METRIC]), n=1,
+                              keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocm.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=bool(ck.get("async_save", True)),
+      # Saves are decided by the loop (period, evaluation, preemption, end), never skipped.
+      save_interval_steps=1, create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     DATA: grain.PyGrainCheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, *,
+         metrics: Mapping[str, float] | None = None) -> None:
+  """Saves {state, data} at `step` (async unless disabled; finalised atomically)."""
+  args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                               DATA: grain.PyGrainCheckpointSave(data_iter)})
+  saved = manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+  if not saved and step not in manager.all_steps():
+    raise RuntimeError(f"orbax did not save the checkpoint of step {step}")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iter: Any) -> tuple[Any, Any]:
+  """Restores the state onto the shardings of `abstract_state` and the iterator in place."""
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(abstract_state),
+      DATA: grain.PyGrainCheckpointRestore(data_iter)}))
+  return restored[STATE], restored[DATA]
+
+
+def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+  """The train state of a run's checkpoint (latest, or `step`), e.g. for evaluation."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(path, item_handlers={STATE: ocp.StandardCheckpointHandler()},
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {path}")
+    out = mngr.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state)}))
+  return out[STATE], step
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+  """Step of the best-mIoU checkpoint, if any checkpoint has metrics."""
+  return manager.best_step()
+
+
+# ------------------------------------------------------------------------------------------
+# Stop requests: SIGTERM and TPU preemption notices.
+
+class StopRequest:
+  """A flag set by SIGTERM (and SIGINT), polled by the loop once per step.
+
+  The handler only sets the flag: saving from inside a signal handler could interleave with
+  a half-dispatched step. On several hosts the flag is OR-reduced over processes
+  (`should_stop`) so that all of them save the same step together.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def install(self) -> "StopRequest":
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("not in the main thread: SIGTERM handler not installed")
+      return self
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def uninstall(self) -> None:
+    for sig, prev in self._previous.items():
+      signal.signal(sig, prev)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    self._event.set()
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def should_stop(self, manager: ocp.CheckpointManager, step: int) -> bool:
+    """True (on every process alike) after a signal or at a TPU preemption sync point."""
+    local = self.requested
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      local = bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
+    preempted = False
+    try:
+      # jax's preemption sync manager (TPU maintenance notices); needs jax.distributed.
+      preempted = manager.reached_preemption(step)
+    except Exception:  # pylint: disable=broad-except
+      preempted = False
+    if preempted and self.signal_name is None:
+      self.signal_name = "preemption notice"
+    return local or preempted
+
+
+# ------------------------------------------------------------------------------------------
+# Initialisation from converted weights (config.init_from).
+
+def load_pretrained(path: str) -> dict[str, Any]:
+  """Reads an orbax checkpoint of {params, batch_stats} (scripts/convert_checkpoint.py) as numpy."""
+  path = os.path.abspath(os.path.expanduser(path))
+  candidates = [path, os.path.join(path, "default"), os.path.join(path, STATE)]
+  last_error = None
+  for p in candidates:
+    if not os.path.isdir(p):
+      continue
+    try:
+      tree = ocp.PyTreeCheckpointer().restore(p)
+    except Exception as e:  # pylint: disable=broad-except
+      last_error = e
+      continue
+    if isinstance(tree, Mapping) and "params" in tree:
+      return jax.tree.map(np.asarray, dict(tree))
+  raise FileNotFoundError(f"config.init_from={path!r}: no orbax checkpoint with 'params' found "
+                          f"(tried {candidates}; last error: {last_error})")
+
+
+def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any], *,
+                     scope: str, backbone_prefix: str = "backbone") -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """Overwrites matching leaves of `variables` ({params, batch_stats}) with `pretrained`.
+
+  Args:
+    scope: 'full' (every matching leaf) or 'backbone' (only leaves under `backbone_prefix`;
+      a backbone-only checkpoint may hold the backbone at its root or under the prefix).
+  Returns:
+    (merged variables, report {'loaded', 'missing', 'unexpected', 'shape_mismatch'}) with
+    '/'-joined paths.
+  """
+  if scope not in ("full", "backbone"):
+    raise ValueError(f"config.init_from_scope must be 'full' or 'backbone', got {scope!r}")
+  report = {"loaded": [], "missing": [], "unexpected": [], "shape_mismatch": []}
+
+  def flat(tree, prefix=()):
+    out = {}
+    if isinstance(tree, Mapping):
+      for k, v in tree.items():
+        out.update(flat(v, prefix + (str(k),)))
+    else:
+      out[prefix] = tree
+    return out
+
+  merged = {}
+  for col in ("params", "batch_stats"):
+    target = flat(variables.get(col, {}))
+    source = flat(pretrained.get(col, {}))
+    if scope == "backbone" and source and not any(k[0] == backbone_prefix for k in source):
+      source = {(backbone_prefix,) + k: v for k, v in source.items()}
+    new = dict(target)
+    for k, v in source.items():
+      name = col + "/" + "/".join(k)
+      if scope == "backbone" and k[0] != backbone_prefix:
+        continue
+      if k not in target:
+        report["unexpected"].append(name)
+      elif tuple(np.shape(v)) != tuple(np.shape(target[k])):
+        report["shape_mismatch"].append(f"{name} {np.shape(v)} vs {np.shape(target[k])}")
+      else:
+        new[k] = np.asarray(v, dtype=np.asarray(target[k]).dtype) if not hasattr(
+            target[k], "sharding") else np.asarray(v, dtype=target[k].dtype)
+        report["loaded"].append(name)
+    for k in target:
+      if (scope == "full" or k[0] == backbone_prefix) and k not in source:
+        report["missing"].append(col + "/" + "/".join(k))
+    tree: dict[str, Any] = {}
+    for k, v in new.items():
+      node = tree
+      for part in k[:-1]:
+        node = node.setdefault(part, {})
+      node[k[-1]] = v
+    merged[col] = tree
+  return merged, report

@@ -1,0 +1,79 @@
+"""Entry point: `python -m pixcon_jax.main --config=configs/demo.py --workdir=/tmp/demo`.
+
+`--config` accepts `file.py:arg` variants (e.g. `configs/cityscapes_hrnet.py:official`) and
+`--config.a.b=value` overrides. `config.mode` selects train (`train.train_and_evaluate`),
+eval (`evaluate.evaluate_checkpoint`) or predict (`evaluate.predict_folder`).
+"""
+from __future__ import annotations
+
+import logging as std_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (`path.py` or `path.py:arg`).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and results.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for jax.distributed (multi-host without auto-detection).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids (optional).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _on_tpu_pod() -> bool:
+  """A multi-host TPU slice: jax.distributed can auto-detect the coordinator."""
+  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) or bool(
+      os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins the processes of a multi-host run (explicit flags, or auto-detected on TPU pods)."""
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    ids = ([int(i) for i in FLAGS.local_device_ids.split(",")]
+           if FLAGS.local_device_ids else None)
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                               local_device_ids=ids)
+  elif _on_tpu_pod():
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  maybe_initialize_distributed()
+  # Only process 0 logs at INFO; the others would repeat every line.
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger("absl").setLevel(std_logging.INFO)
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  config = FLAGS.config
+  workdir = FLAGS.workdir
+  mode = config.get("mode", "train")
+  if mode == "train":
+    from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
+  elif mode == "eval":
+    from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate_checkpoint(config, workdir)
+  elif mode == "predict":
+    from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.predict_folder(config, workdir)
+  else:
+    raise app.UsageError(f"config.mode must be train, eval or predict, got {mode!r}")
+
+
+if __name__ == "__main__":
+  app.run(main)

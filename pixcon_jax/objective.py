@@ -1,0 +1,211 @@
+"""The training objective (paper Eq. 4): CE (+ 0.4 aux CE) + lambda * pixel-contrast NCE.
+
+`make_objective` binds the static configuration once and returns a function that
+runs *inside* the train step's `shard_map` over axis 'data'. It returns this
+device's *share* of the global-batch objective: the shares sum over devices to
+the loss of the whole global batch. The train step differentiates N x share
+(this device's estimate of the global loss, the per-GPU mean of DDP) and
+`pmean`s the gradients, which gives the gradient of the global-batch loss:
+identical to a single device holding the same batch (tests/test_train_step.py),
+and equal to plain DDP averaging whenever every device has the same number of
+weighted pixels.
+
+- CE: `sum_i w[y_i] nll_i / sum_i w[y_i]` over the *global* batch: each device
+  contributes its weighted sum divided by the psum'd weight total.
+- Contrast: by default (`contrast.global_batch=True`) the embeddings, labels and
+  predictions of all devices are all-gathered and every device evaluates the
+  loss of the global batch with the same key (anchors are sampled per mini-batch
+  as in the paper, independent of the device count); its share is loss / N.
+  With `global_batch=False` each device samples from its own images with its own
+  key, as the official DDP code does (shares: loss_d / N).
+- lambda is 0 before `contrast.warmup_steps` (official recipe: 5000) through a
+  `jnp.where` on the traced step, so resumes never change the compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax import lax
+
+from pixcon_jax import losses
+from pixcon_jax.contrast import labels as contrast_labels
+
+IGNORE_LABEL = 255
+
+Objective = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+
+
+def class_weights_from_config(config: ml_collections.ConfigDict, num_classes: int):
+  """`config.loss.class_weights`: None, a sequence of C floats, or the name 'cityscapes'."""
+  cw = config.loss.get("class_weights", None)
+  if cw is None:
+    return None
+  if isinstance(cw, str):
+    if cw != "cityscapes":
+      raise ValueError(f"config.loss.class_weights={cw!r}: the only named weights are 'cityscapes'")
+    cw = losses.CITYSCAPES_CLASS_WEIGHTS
+  cw = tuple(float(w) for w in cw)
+  if len(cw) != num_classes:
+    raise ValueError(f"config.loss.class_weights has {len(cw)} entries, the dataset has "
+                     f"{num_classes} classes")
+  return cw
+
+
+def contrast_settings(config: ml_collections.ConfigDict, *, num_classes: int):
+  """Builds `contrast.loss.ContrastSettings` from the keys of `config.contrast`/`config.memory`.
+
+  Fields are matched by name so that every setting has one home in the config;
+  a settings field missing from the config keeps its dataclass default.
+  """
+  from pixcon_jax.contrast import loss as contrast_loss  # pylint: disable=g-import-not-at-top
+  cls = contrast_loss.ContrastSettings
+  values = {}
+  for group in ("memory", "contrast"):
+    if group in config:
+      for k, v in config[group].items():
+        values[k] = tuple(v) if isinstance(v, list) else v
+  values["num_classes"] = num_classes
+  kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+  return cls(**kwargs)
+
+
+def contrast_active(config: ml_collections.ConfigDict) -> bool:
+  """Whether the step computes the contrast loss and updates the memory bank (static)."""
+  return bool(config.contrast.get("enabled", False))
+
+
+def uses_memory(config: ml_collections.ConfigDict) -> bool:
+  """The official recipe is in-batch only; the paper's default uses the pixel/region memory."""
+  if not contrast_active(config) or config.contrast.get("recipe", "paper") == "official":
+    return False
+  sources = tuple(config.contrast.get("sources", ()))
+  return any(s != "batch" for s in sources)
+
+
+def _predict_on_grid(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """argmax of the (detached) logits on the embedding grid: [B, h, w] int32."""
+  predict = jnp.argmax(lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
+  if predict.shape[1:3] != tuple(size):
+    predict = contrast_labels.downsample_labels(predict, size)
+  return predict
+
+
+def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
+                   axis_name: str = "data") -> Objective:
+  """Returns `objective(outputs, batch, memory, rng, step) -> (share, (metrics, keys))`.
+
+  Args of the returned function (all per device, inside shard_map):
+    outputs: the model's dict: `logits [b, h, w, C]`, optional `aux_logits`, `embedding [b, h, w, D]`.
+    batch: `label [b, H, W]` int32, `image_id [b]` int32.
+    memory: the replicated MemoryBank (the bank *before* this step's update), or None.
+    rng: key shared by all devices (contrast sampling).
+    step: scalar int32, the step being taken (0-based).
+  Returns:
+    share: this device's share of the global objective (shares sum to it).
+    metrics: global values (invariant across devices): `loss`, `ce_loss`, `aux_ce_loss`,
+      `contrast_loss`, `contrast_weight`, `valid_anchor_fraction`.
+    keys: for the memory update, this device's `(embedding [b, h, w, D] detached,
+      label [b, h, w], image_id [b])`, or None without memory.
+  """
+  class_weights = class_weights_from_config(config, num_classes)
+  cw_array = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+  ohem = bool(config.loss.get("ohem", False))
+  ce_kwargs = dict(class_weights=class_weights, ignore_label=IGNORE_LABEL, ohem=ohem)
+  if ohem:
+    ce_kwargs.update(ohem_threshold=config.loss.ohem_threshold,
+                     ohem_min_kept=config.loss.ohem_min_kept)
+  aux_weight = float(config.loss.get("aux_weight", 0.4))
+  use_contrast = contrast_active(config)
+  use_memory = uses_memory(config)
+  recipe = config.contrast.get("recipe", "paper")
+  global_batch = bool(config.contrast.get("global_batch", True))
+  weight = float(config.contrast.get("weight", 1.0))
+  warmup_steps = int(config.contrast.get("warmup_steps", 0))
+
+  if use_contrast:
+    if recipe == "paper":
+      from pixcon_jax.contrast import loss as contrast_loss  # pylint: disable=g-import-not-at-top
+      settings = contrast_settings(config, num_classes=num_classes)
+
+      def contrast_fn(emb, lab, pred, image_id, memory, rng):
+        return contrast_loss.pixel_contrast_loss(emb, lab, pred, image_id, memory, rng,
+                                                 settings=settings)
+    elif recipe == "official":
+      from pixcon_jax.contrast import official  # pylint: disable=g-import-not-at-top
+      c = config.contrast
+
+      def contrast_fn(emb, lab, pred, image_id, memory, rng):
+        del image_id, memory  # In-batch only.
+        return official.official_contrast_loss(
+            emb, lab, pred, rng, num_classes=num_classes, temperature=c.temperature,
+            base_temperature=c.base_temperature, max_samples=c.max_samples,
+            max_views=c.max_views)
+    else:
+      raise ValueError(f"config.contrast.recipe={recipe!r}: expected 'paper' or 'official'")
+
+  def ce_share(logits: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(share of the global CE, global CE value) for logits [b, h, w, C], label [b, H, W]."""
+    ce, ce_metrics = losses.cross_entropy(logits, label, **ce_kwargs)
+    if ohem:
+      # OHEM keeps a per-device subset; its normaliser is the kept count.
+      den = ce_metrics["ohem_num_kept"].astype(jnp.float32)
+    else:
+      valid = (label >= 0) & (label < num_classes)
+      w = valid.astype(jnp.float32)
+      if cw_array is not None:
+        w = w * cw_array[jnp.where(valid, label, 0)]
+      den = jnp.sum(w)
+    total = lax.psum(den, axis_name)
+    share = ce * den / jnp.maximum(total, 1e-12)
+    return share, lax.psum(share, axis_name)
+
+  def objective(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], memory: Any,
+                rng: jax.Array, step: jax.Array):
+    label = batch["label"].astype(jnp.int32)
+    n_dev = lax.psum(1, axis_name)
+    share, ce_value = ce_share(outputs["logits"], label)
+    metrics = {"ce_loss": ce_value}
+    if "aux_logits" in outputs and aux_weight > 0:
+      aux_share, aux_value = ce_share(outputs["aux_logits"], label)
+      share = share + aux_weight * aux_share
+      metrics["aux_ce_loss"] = aux_value
+    keys = None
+    if use_contrast:
+      if "embedding" not in outputs:
+        raise ValueError(f"config.contrast.enabled=True but model {config.model.name!r} has no "
+                         "projection head (use a '*_contrast' model)")
+      emb = outputs["embedding"]
+      grid = emb.shape[1:3]
+      lab = contrast_labels.downsample_labels(label, grid)
+      pred = _predict_on_grid(outputs["logits"], grid)
+      image_id = batch["image_id"].astype(jnp.int32)
+      if global_batch:
+        # A differentiable (varying) gather: each device's copy of the loss sends gradients
+        # back to every device's embeddings, hence the 1 / N share below.
+        gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=0, tiled=True)
+        c_loss, c_metrics = contrast_fn(gather(emb), gather(lab), gather(pred), gather(image_id),
+                                        memory, rng)
+      else:
+        local_rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+        c_loss, c_metrics = contrast_fn(emb, lab, pred, image_id, memory, local_rng)
+      # Paper: lambda = 1 from the start; official: 0.1 after 5000 warm-up steps.
+      lam = jnp.where(step >= warmup_steps, jnp.float32(weight), jnp.float32(0.0))
+      share = share + lam * c_loss / n_dev
+      metrics["contrast_loss"] = lax.pmean(c_loss, axis_name)
+      metrics["contrast_weight"] = lam
+      for k in ("valid_anchor_fraction", "num_valid_anchors"):
+        if k in c_metrics:
+          metrics[k] = lax.pmean(jnp.asarray(c_metrics[k], jnp.float32), axis_name)
+      if use_memory:
+        # Detached keys of this device's images; `memory.enqueue_distributed` samples them
+        # locally and all-gathers the samples, so every replica applies the same update.
+        keys = (lax.stop_gradient(emb), lab, image_id)
+    metrics["loss"] = lax.psum(share, axis_name)
+    return share, (metrics, keys)
+
+  return objective

@@ -1,0 +1,154 @@
+"""Mode `predict`: segment a folder of images and write colour and label-id PNGs.
+
+    python -m pixcon_jax.main --config=CONFIG --workdir=DIR --config.mode=predict \
+        --config.predict.input_dir=IN --config.predict.output_dir=OUT
+
+For every image file `IN/<name>.<ext>` (PNG/JPEG/anything PIL reads, any size) this writes
+  OUT/label/<name>.png   the predicted train id per pixel (uint8, 'L'; uint16 if C > 256),
+  OUT/color/<name>.png   the same map in the dataset palette (RGB),
+both of the image's own size, plus OUT/predict_report.json listing written and skipped
+files. A file PIL cannot read is reported (log + report) and skipped; a folder without
+files, or without a single readable image, is an error naming it.
+
+Images are normalised by the data pipeline's own function (`data.transforms.normalize`
+with `config.augment`: ImageNet statistics, BGR if the config says so), and inference uses
+the config's evaluation protocol (`config.eval`: scales, flip, whole / sliding window), at
+the image's full resolution. Weights: the latest checkpoint in the workdir, else
+`config.init_from`. On several processes the files are split between them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from pixcon_jax import evaluate
+from pixcon_jax.data import transforms
+
+
+def _predict_config(config: Any) -> tuple[str, str]:
+  pred = config.get("predict") or {}
+  input_dir = pred.get("input_dir") if hasattr(pred, "get") else None
+  output_dir = pred.get("output_dir") if hasattr(pred, "get") else None
+  if not input_dir:
+    raise ValueError("mode 'predict' needs --config.predict.input_dir=<folder of images>")
+  if not output_dir:
+    raise ValueError("mode 'predict' needs --config.predict.output_dir=<folder for the PNGs>")
+  if not os.path.isdir(input_dir):
+    raise FileNotFoundError(f"config.predict.input_dir={input_dir!r} is not a directory")
+  return input_dir, output_dir
+
+
+def list_inputs(input_dir: str) -> list[str]:
+  """Sorted regular, non-hidden files of `input_dir` (not recursive).
+
+  Raises:
+    ValueError naming the folder when it holds no file.
+  """
+  names = sorted(n for n in os.listdir(input_dir)
+                 if not n.startswith(".") and os.path.isfile(os.path.join(input_dir, n)))
+  if not names:
+    raise ValueError(f"config.predict.input_dir={input_dir!r} is empty: no image to predict")
+  return names
+
+
+def read_image(path: str) -> np.ndarray:
+  """[H, W, 3] uint8 RGB; raises OSError / ValueError when PIL cannot decode the file."""
+  with Image.open(path) as img:
+    img.load()
+    return np.asarray(img.convert("RGB"))
+
+
+def output_names(names: list[str]) -> dict[str, str]:
+  """Input file name -> output stem; the extension is kept when two inputs share a stem."""
+  stems: dict[str, int] = {}
+  for n in names:
+    stem = os.path.splitext(n)[0]
+    stems[stem] = stems.get(stem, 0) + 1
+  out = {}
+  for n in names:
+    stem, ext = os.path.splitext(n)
+    out[n] = stem if stems[stem] == 1 else f"{stem}_{ext.lstrip('.')}"
+  return out
+
+
+def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, stem: str
+                    ) -> tuple[str, str]:
+  """Writes `label/<stem>.png` (ids) and `color/<stem>.png` (palette). Returns both paths."""
+  label_dir = os.path.join(output_dir, "label")
+  color_dir = os.path.join(output_dir, "color")
+  os.makedirs(label_dir, exist_ok=True)
+  os.makedirs(color_dir, exist_ok=True)
+  dtype = np.uint8 if len(palette) <= 256 else np.uint16
+  label_path = os.path.join(label_dir, stem + ".png")
+  color_path = os.path.join(color_dir, stem + ".png")
+  Image.fromarray(label.astype(dtype)).save(label_path)
+  lut = np.zeros((max(256, len(palette)), 3), np.uint8)
+  lut[:len(palette)] = palette
+  Image.fromarray(lut[label.astype(np.int64)]).save(color_path)
+  return label_path, color_path
+
+
+def make_predictor(apply_fn: evaluate.ApplyFn, settings: evaluate.InferenceSettings):
+  """Jitted `(variables, image [1, H, W, 3]) -> label [1, H, W] int32` (recompiles per size)."""
+  @jax.jit
+  def predict(variables, image):
+    scores = evaluate.predict_scores(apply_fn, variables, image, settings=settings)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  return predict
+
+
+def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
+  """Segments every image of `config.predict.input_dir` into `config.predict.output_dir`.
+
+  Returns:
+    report {"written": [{"input", "label", "color", "size"}], "skipped": [{"input", "reason"}],
+    "weights": source description}.
+  """
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  input_dir, output_dir = _predict_config(config)
+  names = list_inputs(input_dir)
+  exp = train.setup(config)
+  variables, source, _ = evaluate.load_variables(config, workdir, exp)
+  # One device per process; the replicated copy already sits there.
+  local = jax.tree.map(lambda x: x.addressable_data(0), variables)
+  settings = evaluate.settings_from_config(config.eval)
+  predictor = make_predictor(evaluate.logits_apply_fn(exp.eval_model), settings)
+  augment = transforms.AugmentConfig.from_config(config.augment)
+  palette = np.asarray(exp.info.palette, np.uint8)
+  stems = output_names(names)
+  mine = names[jax.process_index()::jax.process_count()]
+  logging.info("predicting %d images of %s with %s (%s)", len(mine), input_dir, source, settings)
+  report: dict[str, Any] = {"weights": source, "written": [], "skipped": []}
+  for name in mine:
+    path = os.path.join(input_dir, name)
+    try:
+      rgb = read_image(path)
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+      logging.warning("skipping %s: not a readable image (%s)", path, e)
+      print(f"skipped {path}: not a readable image ({type(e).__name__})", flush=True)
+      report["skipped"].append({"input": name, "reason": f"{type(e).__name__}: {e}"})
+      continue
+    image = transforms.normalize(rgb, augment)[None]
+    label = np.asarray(predictor(local, image))[0]
+    label_path, color_path = save_prediction(label, palette, output_dir, stems[name])
+    report["written"].append({"input": name, "label": label_path, "color": color_path,
+                              "size": list(rgb.shape[:2])})
+  if not report["written"] and not report["skipped"]:
+    pass  # this process had no share of the files
+  elif not report["written"]:
+    raise ValueError(f"config.predict.input_dir={input_dir!r} holds no readable image "
+                     f"(skipped {[s['input'] for s in report['skipped']]})")
+  os.makedirs(output_dir, exist_ok=True)
+  suffix = "" if jax.process_count() == 1 else f"_{jax.process_index()}"
+  with open(os.path.join(output_dir, f"predict_report{suffix}.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"predicted {len(report['written'])} images into {output_dir}; skipped "
+        f"{len(report['skipped'])}", flush=True)
+  return report

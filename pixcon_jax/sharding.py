@@ -1,0 +1,93 @@
+"""Data-parallel mesh, shardings and host-local -> global arrays.
+
+The project is data-parallel only (DESIGN.md decision 2): a 1-D mesh over axis
+`'data'` spanning every device of every process, train state replicated, batch
+sharded along its leading axis.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+  """A 1-D mesh over all (or the given) devices with axis 'data'.
+
+  The axis is `Auto` rather than `jax.make_mesh`'s default `Explicit`: every
+  collective is written by hand inside `shard_map`, and Auto keeps the plain
+  `jit` code outside it (init, eval) free of sharding-in-types rules.
+  """
+  if devices is None:
+    devices = jax.devices()
+  return Mesh(np.asarray(devices).reshape(-1), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding of the train state: a full copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  """Sharding of a batch leaf: leading (batch) axis split over 'data'."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def batch_sizes(global_batch_size: int, *, num_processes: int | None = None,
+                num_devices: int | None = None) -> tuple[int, int]:
+  """Derives the per-process and per-device batch sizes from the global one.
+
+  Args:
+    global_batch_size: `config.data.batch_size` (images per step over all devices).
+    num_processes: defaults to `jax.process_count()`.
+    num_devices: defaults to `jax.device_count()`.
+  Returns:
+    (per_process, per_device).
+  Raises:
+    ValueError naming `config.data.batch_size` when it does not divide evenly.
+  """
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(
+        f"config.data.batch_size={global_batch_size} must be a positive multiple of the number "
+        f"of devices ({num_devices}, over {num_processes} process(es)); set e.g. "
+        f"--config.data.batch_size={max(1, global_batch_size // num_devices or 1) * num_devices}")
+  return global_batch_size // num_processes, global_batch_size // num_devices
+
+
+def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles per-process batches into global arrays sharded over 'data'.
+
+  Args:
+    batch: this process's slice, each leaf [B_local, ...].
+    mesh: the data mesh.
+  Returns:
+    the same keys, each leaf a global jax.Array [B_local * num_processes, ...].
+  """
+  sharding = data_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def global_to_host_local(x: jax.Array) -> np.ndarray:
+  """Fetches a replicated (fully addressable or replicated) array to the host."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+
+def all_gather_invariant(x: jax.Array, axis_name: str = DATA_AXIS) -> jax.Array:
+  """Concatenates `x [b, ...]` from all devices along axis 0 as a device-*invariant* value.
+
+  Inside `shard_map(check_vma=True)` a plain `lax.all_gather` is typed as varying, so a value
+  derived from it could not be returned replicated (`out_specs=P()`); `to='invarying'` says
+  what the data is (identical on every device). Not for values that need a gradient.
+  """
+  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")

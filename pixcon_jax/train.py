@@ -1,0 +1,322 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+grain input (per-process shards -> global arrays), the sharded train step, CLU writers
+(TensorBoard + log) and ReportProgress, periodic evaluation (mIoU, per-class IoU under class
+names, prediction images), orbax checkpoints of {state, data iterator} (latest few + best
+mIoU), SIGTERM / preemption -> save and exit, exact resume, NaN/Inf stop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers
+from clu import periodic_actions
+
+from pixcon_jax import checkpointing
+from pixcon_jax import data as data_lib
+from pixcon_jax import models
+from pixcon_jax import sharding
+from pixcon_jax import train_step as train_step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/Inf; the run stops keeping its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything `train_and_evaluate` and the eval/predict modes build from a config."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  info: Any
+  train_model: Any
+  eval_model: Any
+  tx: Any
+  num_train_images: int
+  batch_per_process: int
+  batch_per_device: int
+  predict_fn: Any = None  # jitted (variables, image [B,H,W,3]) -> full-size logits, one device.
+
+
+def num_train_images(config: ml_collections.ConfigDict, info: Any) -> int:
+  """N of the training split (region memory rows); synthetic sizes come from the config."""
+  if config.data.get("num_train_images"):
+    return int(config.data.num_train_images)
+  if config.data.dataset == "synthetic" and config.data.get("synthetic_num_train"):
+    return int(config.data.synthetic_num_train)
+  return int(info.num_train_images)
+
+
+def build_model(config: ml_collections.ConfigDict, *, train: bool):
+  """The configured model; cross-replica BN over 'data' for training, running stats otherwise."""
+  overrides = dict(config.model.get("overrides", {}) or {})
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  overrides.setdefault("proj_dim", config.model.proj_dim)
+  overrides.setdefault("proj_type", config.model.proj_type)
+  return models.build_model(
+      config.model.name, num_classes=config.model.num_classes, dtype=jnp.dtype(config.model.dtype),
+      bn_axis_name=sharding.DATA_AXIS if train else None, **overrides)
+
+
+def setup(config: ml_collections.ConfigDict) -> Experiment:
+  """Validates the config against the dataset and devices and builds the shared pieces."""
+  info = data_lib.get_dataset_info(config.data.dataset)
+  if config.model.num_classes != info.num_classes:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
+                     f"{config.data.dataset!r} has {info.num_classes} classes")
+  per_process, per_device = sharding.batch_sizes(config.data.batch_size)
+  if config.data.eval_batch_size % jax.process_count():
+    raise ValueError(f"config.data.eval_batch_size={config.data.eval_batch_size} must be a "
+                     f"multiple of the process count {jax.process_count()}")
+  mesh = sharding.make_mesh()
+  eval_model = build_model(config, train=False)
+  from pixcon_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def predict_fn(variables, image):
+    logits = eval_model.apply(variables, image, train=False)["logits"]
+    return layers.resize_bilinear(logits, image.shape[1:3])
+
+  return Experiment(
+      config=config, mesh=mesh, info=info, train_model=build_model(config, train=True),
+      eval_model=eval_model, tx=train_step_lib.make_optimizer(config),
+      num_train_images=num_train_images(config, info), batch_per_process=per_process,
+      batch_per_device=per_device, predict_fn=predict_fn)
+
+
+def initial_state(exp: Experiment) -> train_step_lib.TrainState:
+  """A fresh replicated state (before any resume / init_from)."""
+  c = exp.config
+  return train_step_lib.create_train_state(
+      c, exp.train_model, exp.tx, exp.mesh, image_shape=tuple(c.data.crop_size) + (3,),
+      num_classes=c.model.num_classes, num_train_images=exp.num_train_images,
+      rng=jax.random.PRNGKey(c.seed))
+
+
+def abstract_of(state: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a concrete state, the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def apply_init_from(exp: Experiment, state: train_step_lib.TrainState) -> train_step_lib.TrainState:
+  """Loads converted weights (`config.init_from`) into a fresh state: full model or backbone."""
+  c = exp.config
+  pretrained = checkpointing.load_pretrained(c.init_from)
+  variables = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+  merged, report = checkpointing.merge_pretrained(
+      variables, pretrained, scope=c.init_from_scope,
+      backbone_prefix=models.backbone_param_prefix(c.model.name))
+  logging.info("init_from %s (%s): loaded %d arrays; %d missing, %d unexpected, %d shape "
+               "mismatches", c.init_from, c.init_from_scope, len(report["loaded"]),
+               len(report["missing"]), len(report["unexpected"]), len(report["shape_mismatch"]))
+  for key in ("missing", "unexpected", "shape_mismatch"):
+    if report[key]:
+      logging.info("init_from %s: %s", key, report[key][:20])
+  if not report["loaded"]:
+    raise ValueError(f"config.init_from={c.init_from!r} matched no array of {c.model.name!r} "
+                     f"(scope {c.init_from_scope!r})")
+  rep = sharding.replicated(exp.mesh)
+  params = jax.device_put(merged["params"], rep)
+  batch_stats = jax.device_put(merged["batch_stats"], rep)
+  # The momentum buffers start at zero either way; re-init keeps the tree structure.
+  opt_state = jax.jit(exp.tx.init, out_shardings=rep)(params)
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation and summaries.
+
+def make_eval_iterator(exp: Experiment):
+  c = exp.config
+  return data_lib.make_eval_iterator(
+      c.data, c.augment, batch_size_per_process=c.data.eval_batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """[..., H, W] ids -> [..., H, W, 3] uint8; 255 (ignore) is black."""
+  lut = np.zeros((256, 3), np.uint8)
+  lut[:len(palette)] = palette
+  return lut[np.clip(label, 0, 255).astype(np.int64)]
+
+
+def prediction_images(exp: Experiment, variables: Any, batch: Mapping[str, np.ndarray],
+                      num: int) -> np.ndarray:
+  """[num, H, 3 W, 3] uint8 panels: input | ground truth | prediction (dataset palette).
+
+  Runs on this process's first local device only (a local computation on every process),
+  with single-device copies of the replicated variables.
+  """
+  image = np.asarray(batch["image"][:num], np.float32)
+  label = np.asarray(batch["label"][:num])
+  local = jax.tree.map(lambda x: x.addressable_data(0), variables)
+  pred = np.asarray(jnp.argmax(exp.predict_fn(local, image), axis=-1))
+  lo = image.min(axis=(1, 2, 3), keepdims=True)
+  hi = image.max(axis=(1, 2, 3), keepdims=True)
+  shown = ((image - lo) / np.maximum(hi - lo, 1e-6) * 255).astype(np.uint8)
+  if exp.config.augment.get("bgr", False):
+    shown = shown[..., ::-1]
+  palette = np.asarray(exp.info.palette)
+  return np.concatenate([shown, _colorize(label, palette), _colorize(pred, palette)], axis=2)
+
+
+def evaluate(exp: Experiment, evaluator: Any, state: train_step_lib.TrainState,
+             writer: metric_writers.MetricWriter, step: int) -> dict[str, Any]:
+  """Validation mIoU / per-class IoU to the writers, plus a few prediction images."""
+  c = exp.config
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  t0 = time.time()
+  metrics = evaluator(variables, make_eval_iterator(exp), max_batches=c.eval.get("max_batches"))
+  scalars = {f"eval/{k}": float(v) for k, v in metrics.items()
+             if np.ndim(v) == 0 and np.isfinite(float(v))}
+  scalars["eval/seconds"] = time.time() - t0
+  writer.write_scalars(step, scalars)
+  num = int(c.eval.get("num_summary_images", 0))
+  if num > 0:
+    first = next(iter(make_eval_iterator(exp)))
+    valid = np.asarray(first.get("valid", np.ones(len(first["image"]), bool)))
+    first = {k: np.asarray(v)[valid] for k, v in first.items() if k in ("image", "label")}
+    if len(first["image"]):
+      writer.write_images(step, {"eval/predictions": prediction_images(exp, variables, first, num)})
+  writer.flush()
+  logging.info("step %d: eval mIoU %.4f (%.1fs)", step, float(metrics["miou"]),
+               scalars["eval/seconds"])
+  return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# The loop.
+
+def _check_finite(metrics: Mapping[str, jax.Array], step: int, manager) -> None:
+  loss = float(jax.device_get(metrics["loss"]))
+  if not np.isfinite(loss):
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    raise NonFiniteLossError(
+        f"non-finite loss ({loss}) at step {step}: stopping. No checkpoint was written after the "
+        f"last good one (step {last}); lower config.optim.lr or check the data, then restart "
+        f"from it.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
+
+  Returns:
+    The final evaluation metrics (`miou`, `iou/<class>`, ...), or {} if stopped early by a
+    signal / preemption (after saving a checkpoint).
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  exp = setup(config)
+  c = config
+  total_steps = int(c.schedule.total_steps)
+  logging.info("devices: %d (%d per process), processes: %d; batch: %d global, %d per process, "
+               "%d per device", jax.device_count(), jax.local_device_count(), jax.process_count(),
+               c.data.batch_size, exp.batch_per_process, exp.batch_per_device)
+
+  state = initial_state(exp)
+  train_iter = data_lib.make_train_iterator(
+      c.data, c.augment, batch_size_per_process=exp.batch_per_process, seed=int(c.data.seed),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  manager = checkpointing.make_manager(workdir, c)
+  latest = manager.latest_step()
+  if latest is not None:
+    # A resume always wins over init_from: the checkpoint has the trained weights.
+    state, train_iter = checkpointing.restore(manager, latest, abstract_of(state), train_iter)
+    logging.info("resumed from step %d in %s", latest, workdir)
+  elif c.get("init_from"):
+    state = apply_init_from(exp, state)
+  start_step = int(jax.device_get(state.step))
+
+  step_fn = train_step_lib.make_train_step(c, exp.train_model, exp.tx, exp.mesh)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in _flatten(c.to_dict()).items()})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=c.log.every_steps)]
+  if c.log.get("profile") and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+  from pixcon_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  evaluator = evaluate_lib.make_evaluator(c, exp.eval_model, exp.mesh,
+                                          class_names=exp.info.class_names)
+  stop = checkpointing.StopRequest().install()
+
+  eval_metrics: dict[str, Any] = {}
+  prev: tuple[int, Any] | None = None
+  acc, acc_n = None, 0
+  step = start_step
+  try:
+    while step < total_steps:
+      step += 1
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = next(train_iter)
+        batch = sharding.host_local_to_global(
+            {k: batch[k] for k in train_step_lib.TRAIN_BATCH_KEYS}, exp.mesh)
+        state, metrics = step_fn(state, batch)
+      # NaN check one step behind, so the host never waits for the step it just dispatched.
+      if prev is not None:
+        _check_finite(prev[1], prev[0], manager)
+      prev = (step, metrics)
+      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+      acc_n += 1
+      for hook in hooks:
+        hook(step)
+
+      is_last = step == total_steps
+      if step % c.log.every_steps == 0 or is_last:
+        _check_finite(metrics, step, manager)
+        means = jax.device_get(acc)
+        writer.write_scalars(step, {f"train/{k}": float(v) / acc_n for k, v in means.items()})
+        acc, acc_n = None, 0
+
+      is_eval = step % c.eval.every_steps == 0 or is_last
+      if is_eval:
+        eval_metrics = evaluate(exp, evaluator, state, writer, step)
+      if step % c.checkpoint.every_steps == 0 or is_eval:
+        _check_finite(metrics, step, manager)
+        checkpointing.save(manager, step, state, train_iter,
+                           metrics={checkpointing.BEST_METRIC: float(eval_metrics["miou"])}
+                           if is_eval else None)
+
+      if not is_last and stop.should_stop(manager, step):
+        _check_finite(metrics, step, manager)
+        if step not in manager.all_steps():
+          checkpointing.save(manager, step, state, train_iter)
+        manager.wait_until_finished()
+        logging.warning("%s received: saved the checkpoint of step %d in %s; exiting.",
+                        stop.signal_name, step, workdir)
+        writer.flush()
+        return {}
+  finally:
+    stop.uninstall()
+    manager.wait_until_finished()
+    writer.flush()
+
+  if not eval_metrics:
+    # Resumed at or after the last step: evaluate what the checkpoint holds.
+    eval_metrics = evaluate(exp, evaluator, state, writer, step)
+  manager.close()
+  writer.close()
+  if jax.process_index() == 0:
+    line = f"final mIoU: {float(eval_metrics['miou']):.4f}"
+    logging.info(line)
+    print(line, flush=True)
+  return eval_metrics
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

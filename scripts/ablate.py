@@ -1,0 +1,223 @@
+r"""Ablations of the paper (Tables 1-3) as config overrides: train each variant, collect mIoU.
+
+    python scripts/ablate.py --config=configs/demo.py --table=table2 --steps=300 \
+        --workdir=/tmp/ablate [--config.some.key=value ...]
+
+Every variant is the given config plus the overrides listed in `VARIANTS` (one config
+argument each, two for the Table 3 cells that change both anchor and pos/neg sampling),
+trained for `--steps` steps into `<workdir>/<variant>` with
+`pixcon_jax.train.train_and_evaluate` (so an interrupted ablation resumes per variant),
+and evaluated with the config's `eval` protocol at the end. Variants whose resulting
+config is identical (the full method appears in all three tables, the baseline in all
+three) are trained once. The table is printed as markdown and JSON and written to
+`<workdir>/ablation_<table>.{md,json}`; the paper's Cityscapes val numbers (HRNetV2-W48,
+40K iterations) are listed beside ours for reference, not for comparison of values: a
+few hundred steps on the demo data only show the direction of each change.
+
+See docs/ABLATIONS.md for the table of variants and the exact overrides.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+BASELINE = ("baseline", "Baseline (w/o contrast)", {"contrast.enabled": False}, 78.1)
+
+# table -> [(variant id, paper row name, overrides, paper Cityscapes val mIoU)].
+VARIANTS: dict[str, list[tuple[str, str, dict[str, Any], float]]] = {
+    "table1": [
+        BASELINE,
+        ("intra_image", "Intra-Image Contrast", {"contrast.scope": "intra"}, 78.9),
+        ("inter_image", "Inter-Image Contrast", {"contrast.scope": "inter"}, 81.0),
+    ],
+    "table2": [
+        BASELINE,
+        ("mini_batch", "Mini-Batch (w/o memory)", {"contrast.sources": ("batch",)}, 79.8),
+        ("pixel_memory", "Pixel Memory", {"contrast.sources": ("batch", "pixel_memory")}, 80.5),
+        ("region_memory", "Region Memory", {"contrast.sources": ("batch", "region_memory")},
+         80.2),
+        ("pixel_region_memory", "Pixel + Region Memory",
+         {"contrast.sources": ("batch", "pixel_memory", "region_memory")}, 81.0),
+    ],
+    "table3": [
+        BASELINE,
+        ("random_random", "Random / Random",
+         {"contrast.anchor_sampling": "random", "contrast.mining": "random"}, 79.3),
+        ("random_hardest", "Random / Hardest",
+         {"contrast.anchor_sampling": "random", "contrast.mining": "hardest"}, 79.4),
+        ("random_semi_hard", "Random / Semi-Hard",
+         {"contrast.anchor_sampling": "random", "contrast.mining": "semi_hard"}, 80.1),
+        ("seg_aware_random", "Seg.-aware hard / Random",
+         {"contrast.anchor_sampling": "seg_aware_hard", "contrast.mining": "random"}, 80.2),
+        ("seg_aware_hardest", "Seg.-aware hard / Hardest",
+         {"contrast.anchor_sampling": "seg_aware_hard", "contrast.mining": "hardest"}, 80.5),
+        ("seg_aware_semi_hard", "Seg.-aware hard / Semi-Hard",
+         {"contrast.anchor_sampling": "seg_aware_hard", "contrast.mining": "semi_hard"}, 81.0),
+    ],
+}
+TABLES = tuple(VARIANTS)
+
+
+@dataclasses.dataclass
+class Result:
+  table: str
+  variant: str
+  paper_row: str
+  overrides: dict[str, Any]
+  paper_miou: float
+  miou: float | None = None
+  pixel_accuracy: float | None = None
+  steps: int = 0
+  seconds: float = 0.0
+  workdir: str = ""
+  reused_from: str | None = None
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+  """A copy of `config` with dotted-key overrides; an unknown key is an error naming it."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *groups, leaf = key.split(".")
+    node = config
+    for g in groups:
+      if g not in node:
+        raise KeyError(f"ablation override {key!r}: config has no group {g!r}")
+      node = node[g]
+    if leaf not in node:
+      raise KeyError(f"ablation override {key!r}: config.{'.'.join(groups)} has no key {leaf!r}")
+    node[leaf] = value
+  return config
+
+
+def variants_of(table: str) -> list[tuple[str, tuple[str, str, dict[str, Any], float]]]:
+  """[(table, variant)] for a table name or 'all' (tables in order)."""
+  if table == "all":
+    return [(t, v) for t in TABLES for v in VARIANTS[t]]
+  if table not in VARIANTS:
+    raise ValueError(f"--table must be one of {TABLES + ('all',)}, got {table!r}")
+  return [(table, v) for v in VARIANTS[table]]
+
+
+def _fingerprint(config: Any) -> str:
+  return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def run_ablation(config: Any, table: str, steps: int, workdir: str, *,
+                 only: Sequence[str] | None = None) -> list[Result]:
+  """Trains every variant of `table` for `steps` steps and returns their final metrics.
+
+  Args:
+    config: the base experiment config (e.g. configs/demo.py or configs/cityscapes_hrnet.py).
+    table: 'table1' | 'table2' | 'table3' | 'all'.
+    steps: training steps per variant (sets schedule.total_steps; evaluation at the end).
+    workdir: parent directory; variant v trains in `<workdir>/<v>`.
+    only: optional subset of variant ids.
+  """
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  results: list[Result] = []
+  done: dict[str, Result] = {}
+  for tab, (name, row, overrides, paper) in variants_of(table):
+    if only and name not in only:
+      continue
+    cfg = apply_overrides(config, overrides)
+    cfg = apply_overrides(cfg, {"schedule.total_steps": int(steps)})
+    # Evaluate once, at the end: the ablation compares final mIoU.
+    if int(cfg.eval.every_steps) < steps:
+      cfg.eval.every_steps = int(steps)
+    result = Result(table=tab, variant=name, paper_row=row, overrides=dict(overrides),
+                    paper_miou=paper, steps=int(steps))
+    key = _fingerprint(cfg)
+    if key in done:  # Same resulting config as an earlier variant (e.g. the full method).
+      prev = done[key]
+      result.miou, result.pixel_accuracy = prev.miou, prev.pixel_accuracy
+      result.workdir, result.reused_from = prev.workdir, prev.variant
+      results.append(result)
+      continue
+    result.workdir = os.path.join(workdir, name)
+    logging.info("ablation %s/%s: %s -> %s", tab, name, overrides, result.workdir)
+    t0 = time.time()
+    metrics = train.train_and_evaluate(cfg, result.workdir)
+    result.seconds = time.time() - t0
+    if metrics:
+      result.miou = float(metrics["miou"])
+      result.pixel_accuracy = float(metrics["pixel_accuracy"])
+    done[key] = result
+    results.append(result)
+  return results
+
+
+def _fmt_overrides(overrides: dict[str, Any]) -> str:
+  return ", ".join(f"`--config.{k}={_cli_value(v)}`" for k, v in overrides.items())
+
+
+def _cli_value(v: Any) -> str:
+  if isinstance(v, tuple):
+    return "(" + ",".join(f"'{x}'" for x in v) + ("," if len(v) == 1 else "") + ")"
+  if isinstance(v, str):
+    return f"'{v}'"
+  return str(v)
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+  """The results as a markdown table (mIoU in %)."""
+  lines = ["| table | variant | overrides | steps | mIoU (ours, %) | paper mIoU (%) |",
+           "|---|---|---|---|---|---|"]
+  for r in results:
+    ours = "—" if r.miou is None else f"{100 * r.miou:.1f}"
+    if r.reused_from:
+      ours += f" (= {r.reused_from})"
+    lines.append(f"| {r.table} | {r.paper_row} | {_fmt_overrides(r.overrides)} | {r.steps} | "
+                 f"{ours} | {r.paper_miou:.1f} |")
+  return "\n".join(lines)
+
+
+def write_results(results: Sequence[Result], workdir: str, table: str) -> tuple[str, str]:
+  os.makedirs(workdir, exist_ok=True)
+  md = markdown_table(results)
+  js = json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=list)
+  md_path = os.path.join(workdir, f"ablation_{table}.md")
+  json_path = os.path.join(workdir, f"ablation_{table}.json")
+  with open(md_path, "w") as f:
+    f.write(md + "\n")
+  with open(json_path, "w") as f:
+    f.write(js + "\n")
+  return md, js
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Base experiment config (`path.py[:arg]`).",
+                                  lock_config=False)
+  flags.DEFINE_enum("table", "all", TABLES + ("all",), "Which paper table to run.")
+  flags.DEFINE_integer("steps", 300, "Training steps per variant.")
+  flags.DEFINE_string("workdir", None, "Parent directory of the variants' workdirs.")
+  flags.DEFINE_list("variants", None, "Optional subset of variant ids.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  results = run_ablation(FLAGS.config, FLAGS.table, FLAGS.steps, FLAGS.workdir,
+                         only=FLAGS.variants)
+  md, js = write_results(results, FLAGS.workdir, FLAGS.table)
+  print(md)
+  print(js)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

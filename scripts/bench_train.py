@@ -1,0 +1,102 @@
+"""Benchmarks the train step: CE only vs CE + pixel contrast (paper settings, with memory).
+
+Prints one JSON line: compile seconds, median step seconds after warm-up for both, their
+ratio (the contrast overhead), and peak memory (XLA's buffer assignment of the compiled
+step, plus the process's max RSS).
+
+  python scripts/bench_train.py                      # hrnet_w48_contrast, 2 x 256x512, float32
+  python scripts/bench_train.py --model=hrnet_w48_ocr_contrast --dtype=bfloat16 --steps=10
+"""
+import json
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+
+flags.DEFINE_string("config", "cityscapes_hrnet", "Experiment config module in configs/.")
+flags.DEFINE_string("model", "hrnet_w48_contrast", "Registered model name.")
+flags.DEFINE_integer("batch", 2, "Global batch size.")
+flags.DEFINE_list("crop", ["256", "512"], "Crop h,w.")
+flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_string("arg", None, "get_config arg (e.g. 'runlocal' for a smoke run).")
+flags.DEFINE_list("variants", ["ce", "contrast"], "Which variants to time.")
+FLAGS = flags.FLAGS
+
+
+def bench(config, contrast: bool) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.contrast.enabled = contrast
+  exp = train.setup(config)
+  h, w = config.data.crop_size
+  state = ts.create_train_state(
+      config, exp.train_model, exp.tx, exp.mesh, image_shape=(h, w, 3),
+      num_classes=config.model.num_classes, num_train_images=exp.num_train_images,
+      rng=jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  b = config.data.batch_size
+  batch = sharding.host_local_to_global({
+      "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
+      "label": rng.integers(0, config.model.num_classes, (b, h, w)).astype(np.int32),
+      "image_id": np.arange(b, dtype=np.int32)}, exp.mesh)
+  step = ts.make_train_step(config, exp.train_model, exp.tx, exp.mesh)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = int(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
+               + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
+  for _ in range(FLAGS.warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(FLAGS.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return {"compile_s": round(compile_s, 2), "step_s": round(statistics.median(times), 4),
+          "step_s_all": [round(t, 4) for t in times], "xla_peak_bytes": peak,
+          "loss": float(metrics["loss"])}
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  config = __import__(FLAGS.config).get_config(FLAGS.arg)
+  config.model.name = FLAGS.model
+  config.model.dtype = FLAGS.dtype
+  config.data.batch_size = FLAGS.batch
+  config.data.crop_size = tuple(int(v) for v in FLAGS.crop)
+  out = {"model": FLAGS.model, "batch": FLAGS.batch, "crop": list(config.data.crop_size),
+         "dtype": FLAGS.dtype, "devices": jax.device_count(),
+         "platform": jax.devices()[0].platform, "cpus": os.cpu_count(),
+         "loadavg_1m": os.getloadavg()[0]}
+  results = {}
+  for variant in FLAGS.variants:
+    results[variant] = bench(config, contrast=variant == "contrast")
+    out[variant] = results[variant]
+  if "ce" in results and "contrast" in results:
+    out["contrast_over_ce"] = round(results["contrast"]["step_s"] / results["ce"]["step_s"], 4)
+    out["contrast_overhead_pct"] = round(100 * (out["contrast_over_ce"] - 1), 2)
+  out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

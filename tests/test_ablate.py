@@ -1,0 +1,103 @@
+"""scripts/ablate.py: every paper ablation is an override of configs/cityscapes_hrnet.py, and the
+Table 2 variants train, evaluate and come back as one table on the demo config."""
+import importlib.util
+import json
+import pathlib
+import sys
+
+import ml_collections
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(path: pathlib.Path, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up in sys.modules
+  spec.loader.exec_module(module)
+  return module
+
+
+ablate = _load(REPO / "scripts" / "ablate.py", "ablate_script")
+
+
+def test_every_variant_is_an_override_of_cityscapes_hrnet():
+  config = _load(REPO / "configs" / "cityscapes_hrnet.py", "cs_config").get_config()
+  for table in ablate.TABLES:
+    for name, _, overrides, paper in ablate.VARIANTS[table]:
+      assert 1 <= len(overrides) <= 2, name
+      cfg = ablate.apply_overrides(config, overrides)
+      for key, value in overrides.items():
+        group, leaf = key.split(".")
+        assert cfg[group][leaf] == value
+      assert 78.0 <= paper <= 81.0
+  # The full method is the config's default: these variants change nothing.
+  for table, name in [("table1", "inter_image"), ("table2", "pixel_region_memory"),
+                      ("table3", "seg_aware_semi_hard")]:
+    overrides = {n: o for n, _, o, _ in ablate.VARIANTS[table]}[name]
+    assert ablate.apply_overrides(config, overrides).to_dict() == config.to_dict()
+  with pytest.raises(KeyError, match="contrast.nonexistent"):
+    ablate.apply_overrides(config, {"contrast.nonexistent": 1})
+
+
+@pytest.mark.slow  # five trainings: ~16 min wall on 2 shared CPU cores
+def test_table2_on_demo_config_trains_each_variant_and_prints_table(tmp_path, capsys):
+  config = _load(REPO / "configs" / "demo.py", "demo_config_ablate").get_config("runlocal")
+  # The generic tiny HRNet and a 2-image eval keep five trainings within CPU test budgets.
+  config.model.overrides = ml_collections.ConfigDict(dict(
+      widths=(8, 16, 32, 64), stage_modules=(1, 1, 1), num_blocks=1, stem_width=16,
+      layer1_planes=8, layer1_blocks=1))
+  config.model.proj_dim = 16
+  config.data.batch_size = 2
+  config.data.eval_batch_size = 2
+  config.data.synthetic_num_val = 2
+  config.eval.max_batches = 1
+  config.eval.num_summary_images = 0
+  config.data.worker_count = 0
+  results = ablate.run_ablation(config, "table2", steps=2, workdir=str(tmp_path))
+  assert [r.variant for r in results] == [v[0] for v in ablate.VARIANTS["table2"]]
+  for r in results:
+    assert r.miou is not None and 0.0 <= r.miou <= 1.0, r
+  md, js = ablate.write_results(results, str(tmp_path), "table2")
+  print(md)
+  out = capsys.readouterr().out
+  for row in ("Mini-Batch (w/o memory)", "Pixel Memory", "Region Memory", "Pixel + Region Memory",
+              "Baseline (w/o contrast)", "`--config.contrast.sources=('batch',)`"):
+    assert row in out
+  assert len(json.loads(js)) == 5
+  assert (tmp_path / "ablation_table2.md").exists()
+
+
+def test_ablate_command_line_runs_a_table2_variant_and_prints_its_table(tmp_path):
+  """The script's CLI (config file + overrides + --table/--variants) on one Table 2 variant."""
+  import os
+  import subprocess
+  tiny = ["--config.model.overrides.widths=(8,16,32,64)", "--config.model.overrides.stem_width=16",
+          "--config.model.overrides.layer1_planes=8", "--config.model.proj_dim=16",
+          "--config.data.batch_size=2", "--config.data.eval_batch_size=2",
+          "--config.data.synthetic_num_val=2",
+          "--config.eval.num_summary_images=0", "--config.data.worker_count=0"]
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "ablate.py"), "--config=configs/demo.py:runlocal",
+       "--table=table2", "--variants=mini_batch", "--steps=1", f"--workdir={tmp_path}"] + tiny,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900,
+      cwd=str(REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| table2 | Mini-Batch (w/o memory) |" in proc.stdout
+  rows = json.loads((tmp_path / "ablation_table2.json").read_text())
+  assert [r["variant"] for r in rows] == ["mini_batch"] and 0.0 <= rows[0]["miou"] <= 1.0
+  # Mode eval on the variant's checkpoint, with the base config (memory on, unlike the
+  # variant): only params and batch_stats are restored, and the mIoU is the training run's.
+  from pixcon_jax import evaluate
+  config = _load(REPO / "configs" / "demo.py", "demo_config_eval").get_config("runlocal")
+  config.model.overrides.widths = (8, 16, 32, 64)
+  config.model.overrides.stem_width = 16
+  config.model.overrides.layer1_planes = 8
+  config.model.proj_dim = 16
+  config.data.batch_size = 2
+  config.data.eval_batch_size = 2
+  config.data.synthetic_num_val = 2
+  config.data.worker_count = 0
+  metrics = evaluate.evaluate_checkpoint(config, str(tmp_path / "mini_batch"))
+  assert metrics["miou"] == pytest.approx(rows[0]["miou"], abs=1e-6)

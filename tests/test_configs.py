@@ -1,0 +1,100 @@
+"""Every experiment config loads in all its variants, and its runlocal variant traces a train step."""
+import importlib
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+
+EXPERIMENTS = ("cityscapes_hrnet", "cityscapes_hrnet_ocr", "cityscapes_resnet101_deeplabv3",
+               "cityscapes_resnet101_ocr", "pascal_context_hrnet_ocr", "coco_stuff_hrnet_ocr",
+               "demo")
+
+
+def _config(name, arg=None):
+  return importlib.import_module(name).get_config(arg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("arg", [None, "runlocal", "official", "official,runlocal", "bf16"])
+def test_config_variants_load(name, arg):
+  c = _config(name, arg)
+  for group in ("model", "data", "augment", "optim", "schedule", "loss", "contrast", "memory",
+                "eval", "checkpoint", "log"):
+    assert group in c, group
+  assert c.optim.momentum == 0.9 and c.optim.weight_decay == 5e-4 and c.schedule.power == 0.9
+  if arg and "official" in arg:
+    assert c.contrast.recipe == "official" and c.contrast.weight == 0.1
+    assert c.contrast.warmup_steps == 5000
+  else:
+    assert c.contrast.recipe == "paper" and c.contrast.weight == 1.0
+    assert c.contrast.warmup_steps == 0 and c.contrast.temperature == 0.1
+  if arg and "bf16" in arg:
+    assert c.model.dtype == "bfloat16"
+
+
+def test_paper_defaults_of_the_main_configs():
+  c = _config("cityscapes_hrnet")
+  assert (c.data.batch_size, tuple(c.data.crop_size), c.optim.lr) == (8, (512, 1024), 0.01)
+  assert c.contrast.mining == "semi_hard" and c.contrast.anchor_sampling == "seg_aware_hard"
+  assert tuple(c.contrast.sources) == ("batch", "pixel_memory", "region_memory")
+  assert (c.contrast.num_positives, c.contrast.num_negatives) == (1024, 2048)
+  assert c.memory.pixels_per_class == 10 and c.memory.pixel_queue_size is None  # T = 10 N.
+  p = _config("pascal_context_hrnet_ocr")
+  assert (p.data.batch_size, tuple(p.data.crop_size), p.optim.lr, p.schedule.total_steps) == (
+      16, (520, 520), 0.001, 60_000)
+
+
+def test_unknown_arg_is_rejected():
+  with pytest.raises(ValueError, match="unknown config arg"):
+    _config("cityscapes_hrnet", "runlokal")
+
+
+def test_ablation_keys_reach_the_contrast_settings():
+  from pixcon_jax import objective  # pylint: disable=g-import-not-at-top
+  c = _config("cityscapes_hrnet")
+  c.contrast.mining = "hardest"
+  c.contrast.anchor_sampling = "random"
+  c.contrast.scope = "intra"
+  c.contrast.sources = ("batch",)
+  s = objective.contrast_settings(c, num_classes=19)
+  assert (s.mining, s.anchor_sampling, s.scope, s.sources) == ("hardest", "random", "intra",
+                                                                ("batch",))
+  assert not objective.uses_memory(c)
+
+
+def test_batch_size_not_divisible_names_the_config_key():
+  from pixcon_jax import sharding  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"config\.data\.batch_size=6"):
+    sharding.batch_sizes(6, num_processes=2, num_devices=4)
+  assert sharding.batch_sizes(8, num_processes=2, num_devices=4) == (4, 2)
+
+
+@pytest.mark.parametrize("name,arg", [(n, "runlocal") for n in EXPERIMENTS[:-1]] +
+                         [("cityscapes_hrnet", "runlocal,official,bf16")])
+def test_runlocal_train_step_traces(name, arg):
+  """Builds model, state and the sharded step of each runlocal variant and lowers it (no compile)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  c = _config(name, arg)
+  c.data.batch_size = jax.device_count()
+  exp = train.setup(c)
+  state = ts.abstract_train_state(
+      c, exp.train_model, exp.tx, exp.mesh, image_shape=tuple(c.data.crop_size) + (3,),
+      num_classes=c.model.num_classes, num_train_images=8)
+  b = c.data.batch_size
+  h, w = c.data.crop_size
+  data = sharding.data_sharded(exp.mesh)
+  batch = {"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data),
+           "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
+           "image_id": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
+  step = ts.make_train_step(c, exp.train_model, exp.tx, exp.mesh)
+  lowered = step.lower(state, batch)
+  out_state, metrics = lowered.out_info
+  assert "contrast_loss" in metrics and "ce_loss" in metrics
+  if "ocr" in name or "deeplab" in name:
+    assert "aux_ce_loss" in metrics

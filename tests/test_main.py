@@ -1,0 +1,44 @@
+"""The absl entry point: config files with args, overrides, mode and multi-host flag checks.
+
+(Training through main end to end is in test_train_loop.py.)
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "pixcon_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_mode_is_a_usage_error(tmp_path):
+  p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
+            "--config.mode=bogus", "--config.contrast.mining=hardest")
+  assert p.returncode != 0
+  assert "config.mode must be train, eval or predict, got 'bogus'" in p.stdout + p.stderr
+  # The process and device counts are logged before dispatching.
+  assert "process 0 of 1" in p.stderr
+
+
+def test_coordinator_address_needs_process_flags(tmp_path):
+  p = _main("--config=configs/demo.py", f"--workdir={tmp_path}",
+            "--coordinator_address=127.0.0.1:1234")
+  assert p.returncode != 0
+  assert "--coordinator_address needs --num_processes and --process_id" in p.stdout + p.stderr
+
+
+def test_config_arg_variants_and_overrides_are_parsed(tmp_path):
+  # An unknown config arg fails while loading the config file, before any JAX work.
+  p = _main("--config=configs/cityscapes_hrnet.py:runlokal", f"--workdir={tmp_path}")
+  assert p.returncode != 0 and "unknown config arg" in p.stderr
+
+
+def test_batch_size_error_names_the_config_key(tmp_path):
+  p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
+            "--config.data.batch_size=0")
+  assert p.returncode != 0 and "config.data.batch_size=0" in p.stderr

@@ -1,0 +1,91 @@
+"""Confusion-matrix metrics: equal to a direct numpy computation, ignore/padding excluded."""
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixcon_jax import metrics
+
+
+def _random_case(seed=0, b=3, h=7, w=9, c=5):
+  rng = np.random.default_rng(seed)
+  pred = rng.integers(0, c, (b, h, w))
+  label = rng.integers(0, c, (b, h, w))
+  label[rng.random((b, h, w)) < 0.2] = 255  # ignore pixels
+  valid = np.array([True] * (b - 1) + [False])  # last example is padding
+  return pred, label, valid
+
+
+def _direct_metrics(pred, label, valid, c):
+  """Per-class IoU straight from pixel sets, no confusion matrix."""
+  keep = (label != 255) & valid[:, None, None]
+  p, g = pred[keep], label[keep]
+  ious = []
+  for k in range(c):
+    inter = np.sum((p == k) & (g == k))
+    union = np.sum((p == k) | (g == k))
+    ious.append(inter / union if union else float("nan"))
+  ious = np.array(ious)
+  return {"iou": ious, "miou": np.nanmean(ious), "pixel_accuracy": np.mean(p == g)}
+
+
+def test_confusion_matrix_device_equals_numpy_with_ignore_and_padding():
+  pred, label, valid = _random_case()
+  cm_dev = np.asarray(metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(label), 5,
+                                               jnp.asarray(valid)[:, None, None]))
+  cm_np = metrics.confusion_matrix_numpy(pred, label, 5, valid[:, None, None])
+  np.testing.assert_array_equal(cm_dev, cm_np)
+  # Padding example and 255 pixels never counted.
+  assert cm_np.sum() == np.sum((label[:-1] != 255))
+
+
+def test_metrics_equal_direct_computation():
+  c = 5
+  pred, label, valid = _random_case(seed=1, c=c)
+  cm = metrics.confusion_matrix_numpy(pred, label, c, valid[:, None, None])
+  names = [f"class{k}" for k in range(c)]
+  got = metrics.metrics_from_confusion_matrix(cm, names)
+  ref = _direct_metrics(pred, label, valid, c)
+  np.testing.assert_allclose(got["miou"], ref["miou"], rtol=1e-12)
+  np.testing.assert_allclose(got["pixel_accuracy"], ref["pixel_accuracy"], rtol=1e-12)
+  for k in range(c):
+    np.testing.assert_allclose(got[f"iou/class{k}"], ref["iou"][k], rtol=1e-12)
+
+
+def test_class_absent_from_gt_and_prediction_is_excluded_from_mean():
+  c = 4
+  pred = np.array([[0, 0, 1, 1]])
+  label = np.array([[0, 1, 1, 255]])
+  # Class 2: only predicted nowhere and never in GT -> NaN, excluded. Class 3 too.
+  cm = metrics.confusion_matrix_numpy(pred, label, c)
+  got = metrics.metrics_from_confusion_matrix(cm)
+  assert math.isnan(got["iou/2"]) and math.isnan(got["iou/3"])
+  np.testing.assert_allclose(got["miou"], np.mean([1 / 2, 1 / 2]))
+  assert got["num_classes_present"] == 2
+  # A class predicted but absent from the GT counts with IoU 0.
+  cm2 = metrics.confusion_matrix_numpy(np.array([[2, 0]]), np.array([[0, 0]]), c)
+  got2 = metrics.metrics_from_confusion_matrix(cm2)
+  assert got2["iou/2"] == 0.0 and got2["miou"] == pytest.approx(0.25)
+  # JSON-safe conversion maps NaN to null.
+  json.dumps(metrics.json_safe(got), allow_nan=False)
+
+
+def test_dataset_level_not_mean_of_batches():
+  c = 3
+  pred, label, valid = _random_case(seed=2, b=4, c=c)
+  valid[:] = True
+  per_batch = [metrics.confusion_matrix_numpy(pred[i:i + 1], label[i:i + 1], c) for i in range(4)]
+  summed = metrics.metrics_from_confusion_matrix(sum(per_batch))["miou"]
+  whole = metrics.metrics_from_confusion_matrix(metrics.confusion_matrix_numpy(pred, label, c))
+  np.testing.assert_allclose(summed, whole["miou"])
+
+
+def test_clu_confusion_matrix_metric_merges():
+  pred, label, valid = _random_case(seed=3)
+  m = metrics.ConfusionMatrix.empty(5)
+  for i in range(3):
+    m = m.merge(metrics.ConfusionMatrix.from_model_output(
+        prediction=jnp.asarray(pred[i:i + 1]), label=jnp.asarray(label[i:i + 1]), num_classes=5))
+  np.testing.assert_array_equal(m.compute(), metrics.confusion_matrix_numpy(pred, label, 5))

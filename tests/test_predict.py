@@ -1,0 +1,146 @@
+"""Mode predict: PNGs of each image's own size, non-image files skipped with a report,
+an empty folder is an error naming it."""
+import importlib.util
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from pixcon_jax import predict
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(widths=(8, 16, 32, 64), stage_modules=(1, 1, 1), num_blocks=1, stem_width=16,
+            layer1_planes=8, layer1_blocks=1)
+
+
+def random_variables(model, seed: int = 0) -> dict:
+  """He-normal kernels, unit BN: no `model.init` run, so no compile (seconds saved per test)."""
+  import flax
+  from pixcon_jax import convert
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(convert.variable_shapes(model)))
+  out = {}
+  for path, leaf in flat.items():
+    if path[-1] == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      out[path] = (rng.standard_normal(leaf.shape) * np.sqrt(1.0 / fan_in)).astype(np.float32)
+    elif path[-1] in ("scale", "var"):
+      out[path] = np.ones(leaf.shape, np.float32)
+    else:
+      out[path] = np.zeros(leaf.shape, np.float32)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def demo_config(tmp_path: pathlib.Path, **eval_overrides) -> ml_collections.ConfigDict:
+  """configs/demo.py:runlocal with tiny widths and converted-style weights in `init_from`."""
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  config.model.overrides = ml_collections.ConfigDict(TINY)
+  config.model.proj_dim = 16
+  config.data.batch_size = 2
+  config.data.eval_batch_size = 2
+  config.data.worker_count = 0
+  for k, v in eval_overrides.items():
+    config.eval[k] = v
+  from pixcon_jax import train
+  model = train.build_model(config, train=False)
+  variables = random_variables(model)
+  path = tmp_path / "converted"
+  ocp.PyTreeCheckpointer().save(str(path), jax.tree.map(np.asarray, dict(variables)))
+  config.init_from = str(path)
+  config.init_from_scope = "full"
+  return config
+
+
+def test_empty_folder_is_an_error_naming_it(tmp_path):
+  empty = tmp_path / "empty_inputs"
+  empty.mkdir()
+  config = ml_collections.ConfigDict(dict(predict=dict(input_dir=str(empty),
+                                                       output_dir=str(tmp_path / "out"))))
+  with pytest.raises(ValueError, match="empty_inputs"):
+    predict.predict_folder(config, str(tmp_path / "work"))
+
+
+def test_missing_input_dir_flag_is_an_error(tmp_path):
+  config = ml_collections.ConfigDict(dict(predict=dict(input_dir="", output_dir="x")))
+  with pytest.raises(ValueError, match="predict.input_dir"):
+    predict.predict_folder(config, str(tmp_path))
+
+
+def test_predict_writes_pngs_of_image_size_and_skips_non_images(tmp_path):
+  inputs = tmp_path / "inputs"
+  inputs.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(inputs / "a.png")
+  Image.fromarray(rng.integers(0, 255, (33, 41, 3), dtype=np.uint8)).save(inputs / "b.jpg")
+  Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8)).save(inputs / "gray.png")
+  (inputs / "notes.txt").write_text("not an image")
+  out = tmp_path / "out"
+  config = demo_config(tmp_path)
+  config.predict = ml_collections.ConfigDict(dict(input_dir=str(inputs), output_dir=str(out)))
+  report = predict.predict_folder(config, str(tmp_path / "work"))
+
+  assert [s["input"] for s in report["skipped"]] == ["notes.txt"]
+  sizes = {"a": (70, 50), "b": (41, 33), "gray": (70, 50)}  # PIL sizes are (W, H)
+  num_classes = config.model.num_classes
+  for stem, size in sizes.items():
+    label = Image.open(out / "label" / f"{stem}.png")
+    color = Image.open(out / "color" / f"{stem}.png")
+    assert label.size == size and color.size == size
+    assert label.mode == "L" and color.mode == "RGB"
+    assert np.asarray(label).max() < num_classes
+  on_disk = json.loads((out / "predict_report.json").read_text())
+  assert len(on_disk["written"]) == 3 and on_disk["skipped"][0]["input"] == "notes.txt"
+
+
+def test_output_names_keep_extension_on_stem_clash():
+  assert predict.output_names(["a.png", "a.jpg", "b.png"]) == {
+      "a.png": "a_png", "a.jpg": "a_jpg", "b.png": "b"}
+
+
+def test_main_predict_mode_command_line(tmp_path):
+  """`python -m pixcon_jax.main ... --config.mode=predict --config.predict.input_dir=...`."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  config = demo_config(tmp_path)  # writes the converted-style weights
+  cfg_file = tmp_path / "predict_config.py"
+  cfg_file.write_text(textwrap.dedent(f"""
+      import importlib.util, ml_collections
+      def get_config(arg=None):
+        spec = importlib.util.spec_from_file_location("demo", {str(REPO / "configs" / "demo.py")!r})
+        m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+        c = m.get_config("runlocal")
+        c.model.overrides = ml_collections.ConfigDict({TINY!r})
+        c.model.proj_dim = 16
+        c.data.batch_size = 2
+        c.data.eval_batch_size = 2
+        c.init_from = {config.init_from!r}
+        c.init_from_scope = "full"
+        if "predict" not in c:  # until configs/common.py has the group
+          c.predict = ml_collections.ConfigDict(dict(input_dir="", output_dir=""))
+        return c
+  """))
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  Image.fromarray(np.zeros((30, 45, 3), np.uint8)).save(inputs / "x.jpg")
+  (inputs / "readme.md").write_text("# not an image")
+  out = tmp_path / "out"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "pixcon_jax.main", f"--config={cfg_file}",
+       f"--workdir={tmp_path / 'work'}", "--config.mode=predict",
+       f"--config.predict.input_dir={inputs}", f"--config.predict.output_dir={out}"],
+      env=env, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "readme.md" in proc.stdout + proc.stderr
+  assert Image.open(out / "label" / "x.png").size == (45, 30)
+  assert Image.open(out / "color" / "x.png").size == (45, 30)

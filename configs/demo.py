@@ -17,7 +17,7 @@ import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-po
 def get_config(arg=None):
   words = common.parse_arg(arg)
   c = common.base_config(model="hrnet_w18_contrast", dataset="synthetic", num_classes=8,
-                         crop_size=(64, 128), batch_size=8, lr=0.02, total_steps=1200)
+                         crop_size=(64, 128), batch_size=8, lr=0.02, total_steps=2000)
   # HRNet-W18 topology with reduced widths: fast enough for 2 CPU cores.
   c.model.overrides = ml_collections.ConfigDict(dict(
       widths=(12, 24, 48, 96), stage_modules=(1, 1, 1), num_blocks=1, stem_width=32,

@@ -265,6 +265,22 @@ def official_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.
   return loss, metrics
 
 
+def _add_contrast(loss: jax.Array, metrics: dict, logits: jax.Array, embedding: jax.Array,
+                  label: jax.Array, rng: jax.Array, *, with_embed: bool, loss_weight: float,
+                  ignore_label: int, **contrast_settings) -> tuple[jax.Array, dict]:
+  """Adds `loss_weight * official_contrast_loss` to a CE total (shared by the combined losses)."""
+  if with_embed:
+    # The prediction is the argmax of the un-upsampled logits (golden README quirk 7).
+    predict = jnp.argmax(logits, axis=-1)
+    contrast, contrast_metrics = official_contrast_loss(
+        embedding, label, predict, rng, num_classes=logits.shape[-1], ignore_label=ignore_label,
+        **contrast_settings)
+    metrics.update(contrast_metrics)
+    loss = loss + loss_weight * contrast
+  metrics["loss"] = loss
+  return loss, metrics
+
+
 def contrast_ce_loss(logits: jax.Array, embedding: jax.Array, label: jax.Array, rng: jax.Array, *,
                      with_embed: bool = True, loss_weight: float = 0.1,
                      class_weights: Sequence[float] | None = losses.CITYSCAPES_CLASS_WEIGHTS,
@@ -287,16 +303,8 @@ def contrast_ce_loss(logits: jax.Array, embedding: jax.Array, label: jax.Array, 
   """
   loss, metrics = losses.cross_entropy(logits, label, class_weights=class_weights,
                                        ignore_label=ignore_label)
-  if with_embed:
-    # The prediction is the argmax of the un-upsampled logits (golden README quirk 7).
-    predict = jnp.argmax(logits, axis=-1)
-    contrast, contrast_metrics = official_contrast_loss(
-        embedding, label, predict, rng, num_classes=logits.shape[-1], ignore_label=ignore_label,
-        **contrast_settings)
-    metrics.update(contrast_metrics)
-    loss = loss + loss_weight * contrast
-  metrics["loss"] = loss
-  return loss, metrics
+  return _add_contrast(loss, metrics, logits, embedding, label, rng, with_embed=with_embed,
+                       loss_weight=loss_weight, ignore_label=ignore_label, **contrast_settings)
 
 
 def contrast_aux_ce_loss(logits: jax.Array, aux_logits: jax.Array, embedding: jax.Array,
@@ -317,12 +325,5 @@ def contrast_aux_ce_loss(logits: jax.Array, aux_logits: jax.Array, embedding: ja
                                    ignore_label=ignore_label)
   loss = seg_weight * seg_ce + aux_weight * aux_ce
   metrics["aux_ce_loss"] = aux_ce
-  if with_embed:
-    predict = jnp.argmax(logits, axis=-1)
-    contrast, contrast_metrics = official_contrast_loss(
-        embedding, label, predict, rng, num_classes=logits.shape[-1], ignore_label=ignore_label,
-        **contrast_settings)
-    metrics.update(contrast_metrics)
-    loss = loss + loss_weight * contrast
-  metrics["loss"] = loss
-  return loss, metrics
+  return _add_contrast(loss, metrics, logits, embedding, label, rng, with_embed=with_embed,
+                       loss_weight=loss_weight, ignore_label=ignore_label, **contrast_settings)

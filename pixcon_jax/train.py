@@ -25,6 +25,7 @@ from pixcon_jax import data as data_lib
 from pixcon_jax import models
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
+from pixcon_jax.models import conv as conv_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -63,7 +64,9 @@ def build_model(config: ml_collections.ConfigDict, *, train: bool):
   overrides.setdefault("proj_type", config.model.proj_type)
   return models.build_model(
       config.model.name, num_classes=config.model.num_classes, dtype=jnp.dtype(config.model.dtype),
-      bn_axis_name=sharding.DATA_AXIS if train else None, **overrides)
+      bn_axis_name=sharding.DATA_AXIS if train else None,
+      conv_impl=conv_lib.check_impl(config.model.get("conv_impl", "auto"),
+                                    where="config.model.conv_impl"), **overrides)
 
 
 def setup(config: ml_collections.ConfigDict) -> Experiment:

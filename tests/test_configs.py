@@ -98,3 +98,14 @@ def test_runlocal_train_step_traces(name, arg):
   assert "contrast_loss" in metrics and "ce_loss" in metrics
   if "ocr" in name or "deeplab" in name:
     assert "aux_ce_loss" in metrics
+
+
+def test_conv_impl_is_a_config_key_and_a_bad_value_names_it():
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  c = _config("demo", "runlocal")
+  assert c.model.conv_impl == "auto"
+  c.model.conv_impl = "xla"
+  assert train.build_model(c, train=True).conv_impl == "xla"
+  c.model.conv_impl = "fft"
+  with pytest.raises(ValueError, match=r"config\.model\.conv_impl='fft'"):
+    train.build_model(c, train=False)

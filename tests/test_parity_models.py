@@ -13,7 +13,6 @@ from pixcon_jax import parity
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden"
-MODEL_KINDS = ("model_eval", "backbone_train")
 
 
 def _model_cases() -> list[pathlib.Path]:
@@ -23,7 +22,7 @@ def _model_cases() -> list[pathlib.Path]:
       kind = json.loads(path.read_text()).get("fixture")
     except (json.JSONDecodeError, OSError):
       continue
-    if kind in MODEL_KINDS:
+    if kind in parity.MODEL_FIXTURES:
       cases.append(path)
   return cases
 
@@ -45,3 +44,18 @@ def test_model_matches_official_outputs(case, golden_dir):
   assert "backbone.0" in outputs
   if meta["fixture"] == "model_eval":
     assert set(meta["outputs"]) <= outputs
+
+
+# At the fixtures' small inputs "auto" keeps most convs native (`conv.MATMUL_MIN_FLOPS`); these
+# run the CPU algorithms of full-size training against the same official outputs: im2col in
+# inference and in training mode (batch statistics and updated BN buffers), and Winograd
+# wherever it applies (opt-in: 90 s of compilation; tests/test_conv.py checks it in the suite).
+@pytest.mark.parametrize("case_name,conv_impl", [
+    ("hrnet_w48_contrast", "matmul"), ("hrnet_w48_backbone_train", "matmul"),
+    pytest.param("hrnet_w48_contrast", "winograd", marks=pytest.mark.slow)])
+def test_conv_algorithms_match_official_outputs(case_name, conv_impl, golden_dir):
+  case = golden_dir / f"{case_name}.json"
+  meta = json.loads(case.read_text())
+  rows = parity.runner(meta["fixture"])(case, conv_impl=conv_impl)
+  bad = [r for r in rows if not r["ok"]]
+  assert rows and not bad, bad[:5]

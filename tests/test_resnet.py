@@ -88,8 +88,9 @@ def test_multi_grid_dilations():
   assert resnet.dilation_plan((1, 1, 1, 3), 16, (1, 2, 4))[3].dilations == (1, 4, 8)
   with pytest.raises(ValueError, match="multi_grid"):
     resnet.dilation_plan((1, 1, 1, 3), 8, (1, 2))
-  # The plan is what the convs get: 3 stem convs, then one 3x3 conv per block.
-  model = resnet.ResNet(**TINY, output_stride=8, multi_grid=(1, 2, 4))
+  # The plan is what the convs get: 3 stem convs, then one 3x3 conv per block. (Read off the
+  # native conv ops, which on CPU only conv_impl="xla" emits.)
+  model = resnet.ResNet(**TINY, output_stride=8, multi_grid=(1, 2, 4), conv_impl="xla")
   got = _conv_dilations(model, jnp.zeros((1, 32, 32, 3)))
   assert got == [1, 1, 1] + [1] + [1] + [1, 2] + [2, 8, 16]
 

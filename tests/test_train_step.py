@@ -71,7 +71,13 @@ def disable_dropout():
   heads.dropout2d = lambda rate, *, train: nn.Dropout(rate, deterministic=True)
 
 
-def assert_trees_close(a, b, what, rtol=2e-4, atol=2e-5):
+# Summation order differs between 1 and 8 devices, or 1 and 2 processes; after two steps of a
+# random tiny net that float32 noise measured up to 1.1e-4 of a leaf's largest entry (the stem
+# conv's momentum; every other leaf <= 6e-5). A wrong shard, psum or host slice is O(1).
+LEAF_ATOL = 3e-4
+
+
+def assert_trees_close(a, b, what, rtol=2e-4, atol=LEAF_ATOL):
   """allclose per leaf with atol scaled by the leaf's magnitude (momentum buffers are ~grads)."""
   import jax  # pylint: disable=g-import-not-at-top
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
@@ -112,8 +118,9 @@ def worker() -> None:
 
 
 def _run_worker(*recipes):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  # Backend optimisation off: the tiny step compiles ~2x faster, and both sides run the same code.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"))
   proc = subprocess.run([sys.executable, __file__, "--worker", *recipes], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=900)
   print(proc.stdout[-4000:])

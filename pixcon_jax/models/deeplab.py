@@ -42,12 +42,13 @@ class DilatedConvBNReLU(nn.Module):
   use_bias: bool = False
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H, W, features]."""
     x = layers.conv(self.features, self.kernel_size, dilation=self.dilation,
-                    use_bias=self.use_bias, dtype=self.dtype, name="0")(x)
+                    use_bias=self.use_bias, dtype=self.dtype, impl=self.conv_impl, name="0")(x)
     return layers.BNReLU(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                          name="1")(x)
 
@@ -61,13 +62,14 @@ class ImagePooling(nn.Module):
   features: int
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, 1, 1, features]."""
     # Pool in float32: a bf16 sum over H*W pixels loses precision.
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-    y = layers.conv(self.features, 1, dtype=self.dtype, name="1")(pooled)
+    y = layers.conv(self.features, 1, dtype=self.dtype, impl=self.conv_impl, name="1")(pooled)
     return layers.BNReLU(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                          name="2")(y)
 
@@ -91,12 +93,13 @@ class ASPP(nn.Module):
   dropout_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> [B, h, w, features]."""
     h, w = x.shape[1:3]
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
     branches = [DilatedConvBNReLU(self.features, 1, name="b0", **kw)(x, train)]
     for i, rate in enumerate(self.rates, start=1):
       branches.append(DilatedConvBNReLU(self.features, 3, dilation=rate, name=f"b{i}",
@@ -117,14 +120,16 @@ class Refine(nn.Module):
   features: int = 512
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> logits [B, h, w, C] in float32."""
-    x = layers.conv(self.features, 3, dtype=self.dtype, name="0")(x)
+    x = layers.conv(self.features, 3, dtype=self.dtype, impl=self.conv_impl, name="0")(x)
     x = layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                           name="1")(x)
-    x = layers.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, name="2")(x)
+    x = layers.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
+                    name="2")(x)
     return x.astype(jnp.float32)
 
 
@@ -146,6 +151,7 @@ class DeepLabV3Head(nn.Module):
   dropout_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, layer3: jax.Array, layer4: jax.Array,
@@ -159,7 +165,7 @@ class DeepLabV3Head(nn.Module):
     Returns:
       (logits, aux_logits), both [B, h, w, C] float32.
     """
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
     # Official `layer_dsn`: [3x3 conv (bias), BNReLU, 1x1 conv (bias)]; a dropout, if asked
     # for, sits before the classifier and moves it to "3" as torch's Sequential would.
     aux = heads.FCNHead(self.num_classes, self.aux_features, self.dropout_rate or None,
@@ -194,6 +200,7 @@ class DeepLabV3(nn.Module):
   dropout_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -205,11 +212,12 @@ class DeepLabV3(nn.Module):
     features = self.backbone(image, train)
     logits, aux = DeepLabV3Head(self.num_classes, self.aspp_features, self.aux_features,
                                 self.rates, self.dropout_rate, self.bn_axis_name, self.dtype,
-                                name="decoder")(features[-2], features[-1], train)
+                                self.conv_impl, name="decoder")(features[-2], features[-1], train)
     emb = None
     if self.proj_dim is not None:
       emb = projection.ProjectionHead(self.proj_dim, self.proj_type, self.bn_axis_name,
-                                      self.dtype, name="proj_head")(features[-1], train)
+                                      self.dtype, self.conv_impl,
+                                      name="proj_head")(features[-1], train)
     return segmenter.model_outputs(logits, features, aux_logits=aux, embedding=emb)
 
 
@@ -217,7 +225,8 @@ _HEAD_FIELDS = ("proj_dim", "proj_type", "aspp_features", "aux_features", "rates
 
 
 def build_deeplab_v3(*, contrast: bool, num_classes: int, dtype: Dtype = jnp.float32,
-                     bn_axis_name: str | None = None, **overrides: Any) -> DeepLabV3:
+                     bn_axis_name: str | None = None, conv_impl: str = "auto",
+                     **overrides: Any) -> DeepLabV3:
   """Registry builder of `deeplab_v3_contrast` / `deeplab_v3`.
 
   Args:
@@ -225,6 +234,7 @@ def build_deeplab_v3(*, contrast: bool, num_classes: int, dtype: Dtype = jnp.flo
     num_classes: C.
     dtype: compute dtype.
     bn_axis_name: mesh axis for cross-replica BN.
+    conv_impl: convolution algorithm (`models.conv`).
     **overrides: ResNet fields (`depth`, `stage_depths`, `width`, `stem_width`,
       `output_stride`, `multi_grid`, `avg_down`) and head fields (`proj_dim`,
       `proj_type`, `aspp_features`, `aux_features`, `rates`, `dropout_rate`).
@@ -234,10 +244,11 @@ def build_deeplab_v3(*, contrast: bool, num_classes: int, dtype: Dtype = jnp.flo
   """
   overrides = dict(overrides)
   backbone = segmenter._resnet_backbone(  # pylint: disable=protected-access
-      dtype=dtype, bn_axis_name=bn_axis_name, overrides=overrides)
+      dtype=dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl, overrides=overrides)
   kw = {k: overrides.pop(k) for k in list(overrides) if k in _HEAD_FIELDS}
   if overrides:
     raise ValueError(f"deeplab_v3 does not take the overrides {sorted(overrides)}")
   if not contrast:
     kw["proj_dim"] = None
-  return DeepLabV3(backbone, num_classes, bn_axis_name=bn_axis_name, dtype=dtype, **kw)
+  return DeepLabV3(backbone, num_classes, bn_axis_name=bn_axis_name, dtype=dtype,
+                   conv_impl=conv_impl, **kw)

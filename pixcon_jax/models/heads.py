@@ -36,12 +36,13 @@ class ConvBNReLU(nn.Module):
   use_bias: bool = True
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> [B, h, w, features]."""
     x = layers.conv(self.features, self.kernel_size, use_bias=self.use_bias, dtype=self.dtype,
-                    name="0")(x)
+                    impl=self.conv_impl, name="0")(x)
     return layers.BNReLU(train, self.bn_axis_name, dtype=self.dtype, name="1")(x)
 
 
@@ -65,19 +66,20 @@ class FCNHead(nn.Module):
   final_bias: bool = False
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> logits [B, h, w, C] in `dtype`."""
     hidden = self.hidden or x.shape[-1]
-    x = layers.conv(hidden, 3, use_bias=True, dtype=self.dtype, name="0")(x)
+    x = layers.conv(hidden, 3, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name="0")(x)
     x = layers.BNReLU(train, self.bn_axis_name, dtype=self.dtype, name="1")(x)
     last = "2"
     if self.dropout is not None:
       x = dropout2d(self.dropout, train=train)(x)
       last = "3"
     return layers.conv(self.num_classes, 1, use_bias=self.final_bias, dtype=self.dtype,
-                       name=last)(x)
+                       impl=self.conv_impl, name=last)(x)
 
 
 def spatial_gather(feats: jax.Array, probs: jax.Array, scale: float = 1.0) -> jax.Array:
@@ -102,11 +104,13 @@ class ConvBNReLUStack(nn.Module):
   features: tuple[int, ...]
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for k, f in enumerate(self.features):
-      x = layers.conv(f, 1, use_bias=True, dtype=self.dtype, name=str(2 * k))(x)
+      x = layers.conv(f, 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
+                      name=str(2 * k))(x)
       x = layers.BNReLU(train, self.bn_axis_name, dtype=self.dtype, name=str(2 * k + 1))(x)
     return x
 
@@ -120,6 +124,7 @@ class ObjectAttentionBlock(nn.Module):
   key_channels: int = 256
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, proxy: jax.Array, train: bool = False) -> jax.Array:
@@ -135,16 +140,16 @@ class ObjectAttentionBlock(nn.Module):
     cin = x.shape[-1]
     # The proxy is a [B, C, 1, Cin] "image" in NHWC, as torch's [B, Cin, C, 1].
     proxy = proxy[:, :, None, :]
-    query = ConvBNReLUStack((k, k), ax, dt, name="f_pixel")(x, train)
-    key = ConvBNReLUStack((k, k), ax, dt, name="f_object")(proxy, train)
-    value = ConvBNReLUStack((k,), ax, dt, name="f_down")(proxy, train)
+    query = ConvBNReLUStack((k, k), ax, dt, conv_impl=self.conv_impl, name="f_pixel")(x, train)
+    key = ConvBNReLUStack((k, k), ax, dt, conv_impl=self.conv_impl, name="f_object")(proxy, train)
+    value = ConvBNReLUStack((k,), ax, dt, conv_impl=self.conv_impl, name="f_down")(proxy, train)
     b, h, w, _ = query.shape
     query = query.reshape(b, h * w, k).astype(jnp.float32)
     key = key[:, :, 0, :].astype(jnp.float32)
     value = value[:, :, 0, :].astype(jnp.float32)
     sim = jax.nn.softmax(k ** -0.5 * jnp.einsum("bpk,bck->bpc", query, key), axis=-1)
     context = jnp.einsum("bpc,bck->bpk", sim, value).reshape(b, h, w, k).astype(dt)
-    return ConvBNReLUStack((cin,), ax, dt, name="f_up")(context, train)
+    return ConvBNReLUStack((cin,), ax, dt, conv_impl=self.conv_impl, name="f_up")(context, train)
 
 
 class SpatialOCR(nn.Module):
@@ -160,15 +165,17 @@ class SpatialOCR(nn.Module):
   dropout: float = 0.05
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, feats: jax.Array, proxy: jax.Array, train: bool = False) -> jax.Array:
     """feats [B, h, w, Cin], proxy [B, C, Cin] -> [B, h, w, out_channels]."""
     context = ObjectAttentionBlock(self.key_channels, self.bn_axis_name, self.dtype,
+                                   conv_impl=self.conv_impl,
                                    name="object_context_block")(feats, proxy, train)
     # `context` first, as in the official torch.cat([context, feats], 1).
     x = jnp.concatenate([context, feats.astype(context.dtype)], axis=-1)
     x = ConvBNReLU(self.out_channels, 1, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                   name="conv_bn_dropout")(x, train)
+                   conv_impl=self.conv_impl, name="conv_bn_dropout")(x, train)
     return dropout2d(self.dropout, train=train)(x)
 

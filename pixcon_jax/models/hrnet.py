@@ -67,11 +67,12 @@ class ConvBN(nn.Module):
   relu: bool = True
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = layers.conv(self.features, self.kernel_size, stride=self.stride, dtype=self.dtype,
-                    name="0")(x)
+                    impl=self.conv_impl, name="0")(x)
     x = layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype, name="1")(x)
     return nn.relu(x) if self.relu else x
 
@@ -82,6 +83,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -90,14 +92,17 @@ class Bottleneck(nn.Module):
                                name=name)
 
     out_features = 4 * self.planes
-    y = nn.relu(bn("bn1")(layers.conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)))
-    y = layers.conv(self.planes, 3, stride=self.stride, dtype=self.dtype, name="conv2")(y)
+    y = nn.relu(bn("bn1")(layers.conv(self.planes, 1, dtype=self.dtype, impl=self.conv_impl,
+                                      name="conv1")(x)))
+    y = layers.conv(self.planes, 3, stride=self.stride, dtype=self.dtype, impl=self.conv_impl,
+                    name="conv2")(y)
     y = nn.relu(bn("bn2")(y))
-    y = bn("bn3")(layers.conv(out_features, 1, dtype=self.dtype, name="conv3")(y))
+    y = bn("bn3")(layers.conv(out_features, 1, dtype=self.dtype, impl=self.conv_impl,
+                              name="conv3")(y))
     if self.stride != 1 or x.shape[-1] != out_features:
       x = ConvBN(out_features, 1, self.stride, relu=False, bn_axis_name=self.bn_axis_name,
-                 dtype=self.dtype, name="downsample")(x, train)
-    return nn.relu(y + x)
+                 dtype=self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
+    return layers.fusion_barrier(nn.relu(y + x))
 
 
 class BasicBlock(nn.Module):
@@ -106,6 +111,7 @@ class BasicBlock(nn.Module):
   stride: int = 1
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -113,13 +119,15 @@ class BasicBlock(nn.Module):
       return layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                                name=name)
 
-    y = layers.conv(self.planes, 3, stride=self.stride, dtype=self.dtype, name="conv1")(x)
+    y = layers.conv(self.planes, 3, stride=self.stride, dtype=self.dtype, impl=self.conv_impl,
+                    name="conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = bn("bn2")(layers.conv(self.planes, 3, dtype=self.dtype, name="conv2")(y))
+    y = bn("bn2")(layers.conv(self.planes, 3, dtype=self.dtype, impl=self.conv_impl,
+                              name="conv2")(y))
     if self.stride != 1 or x.shape[-1] != self.planes:
       x = ConvBN(self.planes, 1, self.stride, relu=False, bn_axis_name=self.bn_axis_name,
-                 dtype=self.dtype, name="downsample")(x, train)
-    return nn.relu(y + x)
+                 dtype=self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
+    return layers.fusion_barrier(nn.relu(y + x))
 
 
 class Blocks(nn.Module):
@@ -129,12 +137,14 @@ class Blocks(nn.Module):
   num_blocks: int
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     cls = Bottleneck if self.block == "bottleneck" else BasicBlock
     for i in range(self.num_blocks):
-      x = cls(self.planes, bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=str(i))(x, train)
+      x = cls(self.planes, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+              conv_impl=self.conv_impl, name=str(i))(x, train)
     return x
 
 
@@ -148,6 +158,7 @@ class DownChain(nn.Module):
   last_relu: bool
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -155,7 +166,7 @@ class DownChain(nn.Module):
     for k, f in enumerate(self.features):
       relu = self.last_relu or k < n - 1
       x = ConvBN(f, 3, 2, relu=relu, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                 name=str(k))(x, train)
+                 conv_impl=self.conv_impl, name=str(k))(x, train)
     return x
 
 
@@ -170,6 +181,7 @@ class Transition(nn.Module):
   widths: Sequence[int]
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
@@ -179,13 +191,14 @@ class Transition(nn.Module):
       if i < num_prev:
         if width != self.prev_channels[i]:
           out.append(ConvBN(width, 3, 1, relu=True, bn_axis_name=self.bn_axis_name,
-                            dtype=self.dtype, name=str(i))(xs[i], train))
+                            dtype=self.dtype, conv_impl=self.conv_impl, name=str(i))(xs[i], train))
         else:
           out.append(xs[i])
       else:
         steps = [self.prev_channels[-1]] * (i - num_prev) + [width]
         out.append(DownChain(steps, last_relu=True, bn_axis_name=self.bn_axis_name,
-                             dtype=self.dtype, name=str(i))(xs[-1], train))
+                             dtype=self.dtype, conv_impl=self.conv_impl, name=str(i))(xs[-1],
+                                                                                      train))
     return out
 
 
@@ -195,10 +208,12 @@ class Branches(nn.Module):
   num_blocks: int
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    return [Blocks("basic", w, self.num_blocks, self.bn_axis_name, self.dtype, name=str(i))(x, train)
+    return [Blocks("basic", w, self.num_blocks, self.bn_axis_name, self.dtype,
+                   conv_impl=self.conv_impl, name=str(i))(x, train)
             for i, (w, x) in enumerate(zip(self.widths, xs))]
 
 
@@ -212,6 +227,7 @@ class FuseRow(nn.Module):
   widths: Sequence[int]
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> jax.Array:
@@ -224,14 +240,14 @@ class FuseRow(nn.Module):
         z = x
       elif j > i:
         z = ConvBN(self.widths[i], 1, 1, relu=False, bn_axis_name=self.bn_axis_name,
-                   dtype=self.dtype, name=str(j))(x, train)
+                   dtype=self.dtype, conv_impl=self.conv_impl, name=str(j))(x, train)
         z = layers.resize_bilinear(z, size)
       else:
         steps = [self.widths[j]] * (i - j - 1) + [self.widths[i]]
         z = DownChain(steps, last_relu=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                      name=str(j))(x, train)
+                      conv_impl=self.conv_impl, name=str(j))(x, train)
       y = z if y is None else y + z
-    return nn.relu(y)
+    return layers.fusion_barrier(nn.relu(y))
 
 
 class FuseLayers(nn.Module):
@@ -239,10 +255,12 @@ class FuseLayers(nn.Module):
   widths: Sequence[int]
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    return [FuseRow(i, self.widths, self.bn_axis_name, self.dtype, name=str(i))(xs, train)
+    return [FuseRow(i, self.widths, self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
+                    name=str(i))(xs, train)
             for i in range(len(self.widths))]
 
 
@@ -252,14 +270,16 @@ class HighResolutionModule(nn.Module):
   num_blocks: int
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
     xs = Branches(self.widths, self.num_blocks, self.bn_axis_name, self.dtype,
-                  name="branches")(xs, train)
+                  conv_impl=self.conv_impl, name="branches")(xs, train)
     if len(self.widths) == 1:
       return xs
-    return FuseLayers(self.widths, self.bn_axis_name, self.dtype, name="fuse_layers")(xs, train)
+    return FuseLayers(self.widths, self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
+                      name="fuse_layers")(xs, train)
 
 
 class Stage(nn.Module):
@@ -269,12 +289,13 @@ class Stage(nn.Module):
   num_blocks: int
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
     for m in range(self.num_modules):
       xs = HighResolutionModule(self.widths, self.num_blocks, self.bn_axis_name, self.dtype,
-                                name=str(m))(xs, train)
+                                conv_impl=self.conv_impl, name=str(m))(xs, train)
     return xs
 
 
@@ -289,6 +310,7 @@ class HRNet(nn.Module):
   config: HRNetConfig = HRNetConfig()
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -312,16 +334,21 @@ class HRNet(nn.Module):
       return layers.batch_norm(train=train, axis_name=ax, dtype=dt, name=name)
 
     x = image.astype(dt)
-    x = nn.relu(bn("bn1")(layers.conv(cfg.stem_width, 3, stride=2, dtype=dt, name="conv1")(x)))
-    x = nn.relu(bn("bn2")(layers.conv(cfg.stem_width, 3, stride=2, dtype=dt, name="conv2")(x)))
-    x = Blocks("bottleneck", cfg.layer1_planes, cfg.layer1_blocks, ax, dt, name="layer1")(x, train)
+    x = nn.relu(bn("bn1")(layers.conv(cfg.stem_width, 3, stride=2, dtype=dt, impl=self.conv_impl,
+                                      name="conv1")(x)))
+    x = nn.relu(bn("bn2")(layers.conv(cfg.stem_width, 3, stride=2, dtype=dt, impl=self.conv_impl,
+                                      name="conv2")(x)))
+    x = Blocks("bottleneck", cfg.layer1_planes, cfg.layer1_blocks, ax, dt, conv_impl=self.conv_impl,
+               name="layer1")(x, train)
 
     xs = [x]
     prev = (4 * cfg.layer1_planes,)
     for s, num_modules in enumerate(cfg.stage_modules):
       widths = tuple(cfg.widths[:s + 2])
-      xs = Transition(prev, widths, ax, dt, name=f"transition{s + 1}")(xs, train)
-      xs = Stage(widths, num_modules, cfg.num_blocks, ax, dt, name=f"stage{s + 2}")(xs, train)
+      xs = Transition(prev, widths, ax, dt, conv_impl=self.conv_impl,
+                      name=f"transition{s + 1}")(xs, train)
+      xs = Stage(widths, num_modules, cfg.num_blocks, ax, dt, conv_impl=self.conv_impl,
+                 name=f"stage{s + 2}")(xs, train)
       prev = widths
     return list(xs)
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pixcon_jax.models import conv as conv_lib
+
 Dtype = Any
 
 # He-normal over fan-out, the initialisation of the official models for convs trained from scratch.
@@ -24,17 +26,17 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dilation: int = 1,
          padding: int | None = None, use_bias: bool = False, dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
+         impl: str = "auto", name: str | None = None) -> conv_lib.Conv:
   """A 2-D conv with PyTorch's symmetric padding (default `dilation * (k - 1) // 2`).
 
-  Parameters are float32; `dtype` is the compute dtype. Kernel layout is HWIO.
+  Parameters are float32 (`kernel` HWIO, `bias`); `dtype` is the compute dtype; `impl`
+  the algorithm (`models.conv.conv2d`).
   """
   if padding is None:
     padding = dilation * (kernel_size - 1) // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=[(padding, padding), (padding, padding)],
-                 kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+  return conv_lib.Conv(features, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                       use_bias=use_bias, impl=impl, dtype=dtype, kernel_init=conv_kernel_init,
+                       name=name)
 
 
 class BatchNorm(nn.Module):
@@ -110,6 +112,25 @@ class BNReLU(nn.Module):
     return nn.relu(x)
 
 
+def fusion_barrier(x: jax.Array) -> jax.Array:
+  """x, materialised: on CPU, XLA may not fuse the ops before it into the ops after it.
+
+  Put on the outputs of residual blocks and branch fusions. XLA:CPU duplicates cheap
+  elementwise producers into every consumer fusion, and a residual path is one long
+  elementwise chain (BN, ReLU, sums of all previous blocks): without a barrier every backward
+  ReLU mask of an HRNet stage recomputed the forward of the whole stage, per pixel, and the
+  step ran 2x slower. XLA:CPU drops `lax.optimization_barrier` before fusion, so the barrier
+  is a conditional, which XLA never fuses across, on a predicate it cannot fold: `x[0] == x[0]`.
+  Its other branch only runs when x[0] is NaN and makes all of x NaN (a NaN loss stops the
+  run either way). One extra copy of x, about a millisecond for an HRNet-W48 feature map.
+  Other backends fuse well and get x unchanged.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  first = x.reshape(-1)[0]
+  return lax.cond(first == first, lambda v: v, lambda v: v * jnp.nan, x)
+
+
 def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source indices and weights of PyTorch's bilinear `align_corners=True` along one axis.
 
@@ -126,17 +147,28 @@ def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
   return i0, i1, lam
 
 
+def _interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] float32: row o holds the two taps of output o (`_align_corners_taps`)."""
+  i0, i1, lam = _align_corners_taps(in_size, out_size)
+  rows = np.arange(out_size)
+  m = np.zeros((out_size, in_size), np.float32)
+  np.add.at(m, (rows, i0), np.float32(1.0) - lam)
+  np.add.at(m, (rows, i1), lam)
+  return m
+
+
 def _resize_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
   in_size = x.shape[axis]
   if in_size == out_size:
     return x
-  i0, i1, lam = _align_corners_taps(in_size, out_size)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  lam = jnp.asarray(lam, jnp.float32).reshape(shape)
-  x0 = jnp.take(x, jnp.asarray(i0), axis=axis).astype(jnp.float32)
-  x1 = jnp.take(x, jnp.asarray(i1), axis=axis).astype(jnp.float32)
-  return ((1.0 - lam) * x0 + lam * x1).astype(x.dtype)
+  # A matmul with the [out, in] interpolation matrix, not two gathers: the gradient of a gather
+  # is a scatter-add (serial on CPU, slow on TPU), and XLA:CPU fuses the whole elementwise
+  # chain that produced x into a gather, recomputing it for every output pixel.
+  m = jnp.asarray(_interpolation_matrix(in_size, out_size))
+  n, k = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1:]))
+  y = jnp.einsum("oi,nik->nok", m, x.reshape(n, in_size, k).astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST)
+  return y.reshape(x.shape[:axis] + (out_size,) + x.shape[axis + 1:]).astype(x.dtype)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:

@@ -32,12 +32,15 @@ class ConvMLP(nn.Module):
   proj_dim: int
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = layers.conv(self.hidden, 1, use_bias=True, dtype=self.dtype, name="0")(x)
+    x = layers.conv(self.hidden, 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
+                    name="0")(x)
     x = layers.BNReLU(train, self.bn_axis_name, dtype=self.dtype, name="1")(x)
-    return layers.conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype, name="2")(x)
+    return layers.conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
+                       name="2")(x)
 
 
 class ProjectionHead(nn.Module):
@@ -53,14 +56,17 @@ class ProjectionHead(nn.Module):
   proj_type: str = "convmlp"
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> embedding [B, h, w, D] float32, L2-normalised over D."""
     if self.proj_type == "convmlp":
-      y = ConvMLP(x.shape[-1], self.proj_dim, self.bn_axis_name, self.dtype, name="proj")(x, train)
+      y = ConvMLP(x.shape[-1], self.proj_dim, self.bn_axis_name, self.dtype,
+                  conv_impl=self.conv_impl, name="proj")(x, train)
     elif self.proj_type == "linear":
-      y = layers.conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype, name="proj")(x)
+      y = layers.conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
+                      name="proj")(x)
     else:
       raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {self.proj_type!r}")
     return l2_normalize(y)

@@ -111,13 +111,15 @@ class Stem(nn.Module):
   width: int = 64
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, H, W, 3] -> [B, ceil(H/2), ceil(W/2), 2 * width]."""
     widths = (self.width, self.width, 2 * self.width)
     for i, (features, stride) in enumerate(zip(widths, (2, 1, 1)), start=1):
-      x = layers.conv(features, 3, stride=stride, dtype=self.dtype, name=f"conv{i}")(x)
+      x = layers.conv(features, 3, stride=stride, dtype=self.dtype, impl=self.conv_impl,
+                      name=f"conv{i}")(x)
       x = layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                             name=f"bn{i}")(x)
       x = nn.relu(x)
@@ -138,6 +140,7 @@ class Downsample(nn.Module):
   avg_down: bool = False
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -145,10 +148,11 @@ class Downsample(nn.Module):
     if self.avg_down:
       if self.stride > 1:
         x = avg_pool_ceil(x, self.stride)
-      x = layers.conv(self.features, 1, dtype=self.dtype, name="1")(x)
+      x = layers.conv(self.features, 1, dtype=self.dtype, impl=self.conv_impl, name="1")(x)
       bn_name = "2"
     else:
-      x = layers.conv(self.features, 1, stride=self.stride, dtype=self.dtype, name="0")(x)
+      x = layers.conv(self.features, 1, stride=self.stride, dtype=self.dtype, impl=self.conv_impl,
+                      name="0")(x)
       bn_name = "1"
     return layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                              name=bn_name)(x)
@@ -171,6 +175,7 @@ class Bottleneck(nn.Module):
   avg_down: bool = False
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -179,15 +184,17 @@ class Bottleneck(nn.Module):
       return layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                                name=name)
 
-    y = nn.relu(bn("bn1")(layers.conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)))
+    y = nn.relu(bn("bn1")(layers.conv(self.planes, 1, dtype=self.dtype, impl=self.conv_impl,
+                                      name="conv1")(x)))
     y = layers.conv(self.planes, 3, stride=self.stride, dilation=self.dilation,
-                    dtype=self.dtype, name="conv2")(y)
+                    dtype=self.dtype, impl=self.conv_impl, name="conv2")(y)
     y = nn.relu(bn("bn2")(y))
-    y = bn("bn3")(layers.conv(self.planes * EXPANSION, 1, dtype=self.dtype, name="conv3")(y))
+    y = bn("bn3")(layers.conv(self.planes * EXPANSION, 1, dtype=self.dtype, impl=self.conv_impl,
+                              name="conv3")(y))
     if self.downsample:
       x = Downsample(self.planes * EXPANSION, self.stride, self.avg_down, self.bn_axis_name,
-                     self.dtype, name="downsample")(x, train)
-    return nn.relu(y + x)
+                     self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
+    return layers.fusion_barrier(nn.relu(y + x))
 
 
 class ResLayer(nn.Module):
@@ -197,6 +204,7 @@ class ResLayer(nn.Module):
   avg_down: bool = False
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -206,7 +214,7 @@ class ResLayer(nn.Module):
       # As in the official `_make_layer`: a projection whenever the shape changes.
       project = i == 0 and (self.plan.stride != 1 or x.shape[-1] != self.planes * EXPANSION)
       x = Bottleneck(self.planes, stride, dilation, project, self.avg_down, self.bn_axis_name,
-                     self.dtype, name=str(i))(x, train)
+                     self.dtype, conv_impl=self.conv_impl, name=str(i))(x, train)
     return x
 
 
@@ -235,6 +243,7 @@ class ResNet(nn.Module):
   avg_down: bool = False
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   def _stage_depths(self) -> tuple[int, ...]:
     if self.stage_depths is not None:
@@ -266,12 +275,13 @@ class ResNet(nn.Module):
     """
     plan = dilation_plan(self._stage_depths(), self.output_stride, self.multi_grid)
     x = image.astype(self.dtype)
-    x = Stem(self.stem_width, self.bn_axis_name, self.dtype, name="resinit")(x, train)
+    x = Stem(self.stem_width, self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
+             name="resinit")(x, train)
     outputs = [x]
     x = layers.max_pool_ceil(x, 3, 2, 1)
     outputs.append(x)
     for i, stage in enumerate(plan):
       x = ResLayer(self.width * 2**i, stage, self.avg_down, self.bn_axis_name, self.dtype,
-                   name=f"layer{i + 1}")(x, train)
+                   conv_impl=self.conv_impl, name=f"layer{i + 1}")(x, train)
       outputs.append(x)
     return outputs

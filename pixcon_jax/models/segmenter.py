@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import heads
 from pixcon_jax.models import hrnet
 from pixcon_jax.models import layers
@@ -79,6 +80,7 @@ class HRNetSegmenter(nn.Module):
   ocr_key_channels: int = 256
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -89,22 +91,23 @@ class HRNetSegmenter(nn.Module):
     aux = None
     if self.head == "fcn":
       logits = heads.FCNHead(self.num_classes, dropout=0.1, final_bias=False, bn_axis_name=ax,
-                             dtype=dt, name="cls_head")(feats, train)
+                             dtype=dt, conv_impl=self.conv_impl, name="cls_head")(feats, train)
     elif self.head == "ocr":
       aux = heads.FCNHead(self.num_classes, dropout=None, final_bias=True, bn_axis_name=ax,
-                          dtype=dt, name="aux_head")(feats, train)
+                          dtype=dt, conv_impl=self.conv_impl, name="aux_head")(feats, train)
       x = heads.ConvBNReLU(self.ocr_channels, 3, bn_axis_name=ax, dtype=dt,
-                           name="conv3x3")(feats, train)
+                           conv_impl=self.conv_impl, name="conv3x3")(feats, train)
       proxy = heads.spatial_gather(x, aux)
       x = heads.SpatialOCR(self.ocr_key_channels, self.ocr_channels, 0.05, ax, dt,
-                           name="ocr_distri_head")(x, proxy, train)
-      logits = layers.conv(self.num_classes, 1, use_bias=True, dtype=dt, name="cls_head")(x)
+                           conv_impl=self.conv_impl, name="ocr_distri_head")(x, proxy, train)
+      logits = layers.conv(self.num_classes, 1, use_bias=True, dtype=dt, impl=self.conv_impl,
+                           name="cls_head")(x)
     else:
       raise ValueError(f"HRNet head must be 'fcn' or 'ocr', got {self.head!r}")
     emb = None
     if self.proj_dim is not None:
       emb = projection.ProjectionHead(self.proj_dim, self.proj_type, ax, dt,
-                                      name="proj_head")(feats, train)
+                                      conv_impl=self.conv_impl, name="proj_head")(feats, train)
     return model_outputs(logits, features, aux_logits=aux, embedding=emb)
 
 
@@ -125,6 +128,7 @@ class OCRNet(nn.Module):
   ocr_key_channels: int = 256
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -132,17 +136,20 @@ class OCRNet(nn.Module):
     ax, dt = self.bn_axis_name, self.dtype
     features = self.backbone(image, train)
     aux = heads.FCNHead(self.num_classes, hidden=self.ocr_channels, dropout=0.05, final_bias=True,
-                        bn_axis_name=ax, dtype=dt, name="dsn_head")(features[-2], train)
+                        bn_axis_name=ax, dtype=dt, conv_impl=self.conv_impl,
+                        name="dsn_head")(features[-2], train)
     x = heads.ConvBNReLU(self.ocr_channels, 3, bn_axis_name=ax, dtype=dt,
-                         name="conv_3x3")(features[-1], train)
+                         conv_impl=self.conv_impl, name="conv_3x3")(features[-1], train)
     proxy = heads.spatial_gather(x, aux)
     x = heads.SpatialOCR(self.ocr_key_channels, self.ocr_channels, 0.05, ax, dt,
-                         name="spatial_ocr_head")(x, proxy, train)
-    logits = layers.conv(self.num_classes, 1, use_bias=True, dtype=dt, name="head")(x)
+                         conv_impl=self.conv_impl, name="spatial_ocr_head")(x, proxy, train)
+    logits = layers.conv(self.num_classes, 1, use_bias=True, dtype=dt, impl=self.conv_impl,
+                         name="head")(x)
     emb = None
     if self.proj_dim is not None:
       emb = projection.ProjectionHead(self.proj_dim, self.proj_type, ax, dt,
-                                      name="proj_head")(features[-1], train)
+                                      conv_impl=self.conv_impl, name="proj_head")(features[-1],
+                                                                                  train)
     return model_outputs(logits, features, aux_logits=aux, embedding=emb)
 
 
@@ -159,17 +166,18 @@ def _split(overrides: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
   return {k: overrides.pop(k) for k in list(overrides) if k in fields}
 
 
-def _hrnet_backbone(width: int, *, dtype: Dtype, bn_axis_name: str | None,
+def _hrnet_backbone(width: int, *, dtype: Dtype, bn_axis_name: str | None, conv_impl: str,
                     overrides: dict[str, Any]) -> hrnet.HRNet:
   cfg = hrnet.hrnet_config(width, **_split(overrides, _HRNET_FIELDS))
-  return hrnet.HRNet(cfg, bn_axis_name=bn_axis_name, dtype=dtype)
+  return hrnet.HRNet(cfg, bn_axis_name=bn_axis_name, dtype=dtype, conv_impl=conv_impl)
 
 
-def _resnet_backbone(*, dtype: Dtype, bn_axis_name: str | None,
+def _resnet_backbone(*, dtype: Dtype, bn_axis_name: str | None, conv_impl: str,
                      overrides: dict[str, Any]) -> nn.Module:
   from pixcon_jax.models import resnet  # pylint: disable=g-import-not-at-top
   # resnet.ResNet defaults to the official ResNet-101 at output stride 8, multi-grid all 1.
-  return resnet.ResNet(**_split(overrides, _RESNET_FIELDS), bn_axis_name=bn_axis_name, dtype=dtype)
+  return resnet.ResNet(**_split(overrides, _RESNET_FIELDS), bn_axis_name=bn_axis_name, dtype=dtype,
+                       conv_impl=conv_impl)
 
 
 def _check_empty(name: str, overrides: dict[str, Any]) -> None:
@@ -178,24 +186,27 @@ def _check_empty(name: str, overrides: dict[str, Any]) -> None:
 
 
 def _build_hrnet(*, width: int, head: str, contrast: bool, num_classes: int, dtype: Dtype,
-                 bn_axis_name: str | None, **overrides: Any) -> nn.Module:
-  backbone = _hrnet_backbone(width, dtype=dtype, bn_axis_name=bn_axis_name, overrides=overrides)
+                 bn_axis_name: str | None, conv_impl: str, **overrides: Any) -> nn.Module:
+  backbone = _hrnet_backbone(width, dtype=dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl,
+                             overrides=overrides)
   kw = _split(overrides, ("proj_dim", "proj_type", "ocr_channels", "ocr_key_channels"))
   if not contrast:
     kw["proj_dim"] = None
   _check_empty(f"hrnet_w{width}", overrides)
   return HRNetSegmenter(backbone, num_classes, head=head, bn_axis_name=bn_axis_name, dtype=dtype,
-                        **kw)
+                        conv_impl=conv_impl, **kw)
 
 
 def _build_ocr_resnet(*, contrast: bool, num_classes: int, dtype: Dtype,
-                      bn_axis_name: str | None, **overrides: Any) -> nn.Module:
-  backbone = _resnet_backbone(dtype=dtype, bn_axis_name=bn_axis_name, overrides=overrides)
+                      bn_axis_name: str | None, conv_impl: str, **overrides: Any) -> nn.Module:
+  backbone = _resnet_backbone(dtype=dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl,
+                              overrides=overrides)
   kw = _split(overrides, ("proj_dim", "proj_type", "ocr_channels", "ocr_key_channels"))
   if not contrast:
     kw["proj_dim"] = None
   _check_empty("ocr_r101", overrides)
-  return OCRNet(backbone, num_classes, bn_axis_name=bn_axis_name, dtype=dtype, **kw)
+  return OCRNet(backbone, num_classes, bn_axis_name=bn_axis_name, dtype=dtype, conv_impl=conv_impl,
+                **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +229,8 @@ _MODELS["deeplab_v3_contrast"] = ("pixcon_jax.models.deeplab:build_deeplab_v3",
 
 
 def register_model(name: str, builder: Callable[..., nn.Module] | str, **fixed: Any) -> None:
-  """Adds a named model; `builder(*, num_classes, dtype, bn_axis_name, **fixed, **overrides)`."""
+  """Adds a named model; `builder(*, num_classes, dtype, bn_axis_name, conv_impl, **fixed,
+  **overrides)`."""
   if name in _MODELS:
     raise ValueError(f"model {name!r} is already registered")
   _MODELS[name] = (builder, fixed)
@@ -229,7 +241,8 @@ def model_names() -> list[str]:
 
 
 def build_model(name: str, *, num_classes: int, dtype: Dtype = jnp.float32,
-                bn_axis_name: str | None = None, **overrides: Any) -> nn.Module:
+                bn_axis_name: str | None = None, conv_impl: str = "auto",
+                **overrides: Any) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -237,6 +250,8 @@ def build_model(name: str, *, num_classes: int, dtype: Dtype = jnp.float32,
     num_classes: C.
     dtype: compute dtype (float32 or bfloat16); parameters and BN statistics stay float32.
     bn_axis_name: mesh axis for cross-replica BN in training (inside shard_map), or None.
+    conv_impl: convolution algorithm, "auto" | "xla" | "matmul" | "winograd" (`models.conv`);
+      it changes speed and float32 rounding only.
     **overrides: architecture overrides, e.g. HRNet `widths=(8, 16, 32, 64)`,
       `stage_modules=(1, 1, 1)`, `num_blocks=1`, `stem_width`, `layer1_planes`, `layer1_blocks`;
       ResNet `stage_depths`, `width`, `stem_width`, `output_stride`; heads `proj_dim`,
@@ -250,8 +265,9 @@ def build_model(name: str, *, num_classes: int, dtype: Dtype = jnp.float32,
   if isinstance(builder, str):
     module, fn = builder.split(":")
     builder = getattr(importlib.import_module(module), fn)
+  conv_lib.check_impl(conv_impl)
   return builder(num_classes=num_classes, dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name,
-                 **fixed, **overrides)
+                 conv_impl=conv_impl, **fixed, **overrides)
 
 
 def backbone_param_prefix(name: str) -> str:
@@ -272,7 +288,7 @@ _BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_backbone(name: str, *, dtype: Dtype = jnp.float32, bn_axis_name: str | None = None,
-                   **overrides: Any) -> nn.Module:
+                   conv_impl: str = "auto", **overrides: Any) -> nn.Module:
   """A backbone alone by its official name ("hrnet48", "deepbase_resnet101_dilated8", ...).
 
   Its `__call__(image, train)` returns the list of feature maps; its variables have no
@@ -281,6 +297,8 @@ def build_backbone(name: str, *, dtype: Dtype = jnp.float32, bn_axis_name: str |
   if name not in _BACKBONES:
     raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_BACKBONES)}")
   overrides = dict(overrides)
-  module = _BACKBONES[name](dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name, overrides=overrides)
+  conv_lib.check_impl(conv_impl)
+  module = _BACKBONES[name](dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name,
+                            conv_impl=conv_impl, overrides=overrides)
   _check_empty(name, overrides)
   return module

@@ -22,6 +22,10 @@ _RUNNERS = {
 }
 
 
+# Kinds whose runners build a network; they take `conv_impl=` (`pixcon_jax.models.conv`).
+MODEL_FIXTURES = ("model_eval", "backbone_train")
+
+
 def fixture_kinds() -> list[str]:
   return sorted(_RUNNERS)
 

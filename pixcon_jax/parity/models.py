@@ -88,13 +88,17 @@ def _shapes(module: Any, image: np.ndarray) -> Any:
                         jax.ShapeDtypeStruct(image.shape, jnp.float32))
 
 
-def run_model_eval(case_json_path: pathlib.Path | str) -> list[dict[str, Any]]:
-  """A full model in inference mode: the official outputs and the `backbone.i` intermediates."""
+def run_model_eval(case_json_path: pathlib.Path | str, *,
+                   conv_impl: str = "auto") -> list[dict[str, Any]]:
+  """A full model in inference mode: the official outputs and the `backbone.i` intermediates.
+
+  `conv_impl` picks the convolution algorithm (`models.conv`); every one must pass.
+  """
   meta, ref, state_dict = _load_case(case_json_path)
   case = meta.get("name", pathlib.Path(case_json_path).stem)
   name = meta.get("model") or meta["name"]
   num_classes = int(meta["outputs"]["seg"][1])
-  model = models.build_model(name, num_classes=num_classes)
+  model = models.build_model(name, num_classes=num_classes, conv_impl=conv_impl)
   image = ref["input"].transpose(0, 2, 3, 1)
   variables, _ = convert.convert_state_dict(state_dict, _shapes(model, image))
   out = _compiled(functools.partial(model.apply, train=False), variables, image)(variables, image)
@@ -124,11 +128,12 @@ def _backbone_name(meta: dict[str, Any]) -> str:
   return str(meta["model"]).split()[0]
 
 
-def run_backbone_train(case_json_path: pathlib.Path | str) -> list[dict[str, Any]]:
+def run_backbone_train(case_json_path: pathlib.Path | str, *,
+                       conv_impl: str = "auto") -> list[dict[str, Any]]:
   """A backbone alone in training mode: outputs with batch statistics and updated BN buffers."""
   meta, ref, state_dict = _load_case(case_json_path)
   case = meta.get("name", pathlib.Path(case_json_path).stem)
-  backbone = models.build_backbone(_backbone_name(meta))
+  backbone = models.build_backbone(_backbone_name(meta), conv_impl=conv_impl)
   image = ref["input"].transpose(0, 2, 3, 1)
   variables, _ = convert.convert_state_dict(state_dict, _shapes(backbone, image))
   apply = _compiled(functools.partial(backbone.apply, train=True, mutable=["batch_stats"]),

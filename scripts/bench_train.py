@@ -4,7 +4,13 @@ Prints one JSON line: compile seconds, median step seconds after warm-up for bot
 ratio (the contrast overhead), and peak memory (XLA's buffer assignment of the compiled
 step, plus the process's max RSS).
 
+With `--official_repo` (a checkout of tfzhou/ContrastiveSeg) and `--torch_python` (an
+interpreter with PyTorch), the official PyTorch step is timed first, on the same machine and
+settings (`scripts/bench_official_torch.py`), and the line also holds its times and our
+speed-up over it (`*_speedup_vs_official`, > 1 when ours is faster).
+
   python scripts/bench_train.py                      # hrnet_w48_contrast, 2 x 256x512, float32
+  python scripts/bench_train.py --official_repo=../ContrastiveSeg --torch_python=/venv/bin/python
   python scripts/bench_train.py --model=hrnet_w48_ocr_contrast --dtype=bfloat16 --steps=10
 """
 import json
@@ -12,6 +18,7 @@ import os
 import pathlib
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -30,7 +37,23 @@ flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("arg", None, "get_config arg (e.g. 'runlocal' for a smoke run).")
 flags.DEFINE_list("variants", ["ce", "contrast"], "Which variants to time.")
+flags.DEFINE_string("conv_impl", "auto", "config.model.conv_impl: auto | xla | matmul | winograd.")
+flags.DEFINE_string("official_repo", None, "Checkout of tfzhou/ContrastiveSeg to time as baseline.")
+flags.DEFINE_string("torch_python", None, "Python interpreter with PyTorch for the baseline.")
 FLAGS = flags.FLAGS
+
+
+def bench_official(h: int, w: int) -> dict:
+  """Runs scripts/bench_official_torch.py in a subprocess and returns its JSON line."""
+  cmd = [FLAGS.torch_python or sys.executable, str(REPO / "scripts" / "bench_official_torch.py"),
+         f"--official_repo={FLAGS.official_repo}", f"--batch={FLAGS.batch}",
+         "--crop", str(h), str(w), f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
+         f"--variants={','.join(FLAGS.variants)}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    raise SystemExit(f"official baseline failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+  return json.loads(lines[-1])
 
 
 def bench(config, contrast: bool) -> dict:
@@ -81,12 +104,21 @@ def main(argv):
   config = __import__(FLAGS.config).get_config(FLAGS.arg)
   config.model.name = FLAGS.model
   config.model.dtype = FLAGS.dtype
+  config.model.conv_impl = FLAGS.conv_impl
   config.data.batch_size = FLAGS.batch
   config.data.crop_size = tuple(int(v) for v in FLAGS.crop)
   out = {"model": FLAGS.model, "batch": FLAGS.batch, "crop": list(config.data.crop_size),
-         "dtype": FLAGS.dtype, "devices": jax.device_count(),
+         "dtype": FLAGS.dtype, "conv_impl": FLAGS.conv_impl, "devices": jax.device_count(),
          "platform": jax.devices()[0].platform, "cpus": os.cpu_count(),
          "loadavg_1m": os.getloadavg()[0]}
+  official = None
+  if FLAGS.official_repo and FLAGS.model != "hrnet_w48_contrast":
+    raise SystemExit(f"--official_repo times the official HRNet_W48_CONTRAST only, not "
+                     f"--model={FLAGS.model}")
+  if FLAGS.official_repo:
+    # First, so that both run on the same (otherwise idle) machine one after the other.
+    official = bench_official(*config.data.crop_size)
+    out["official"] = official
   results = {}
   for variant in FLAGS.variants:
     results[variant] = bench(config, contrast=variant == "contrast")
@@ -94,6 +126,10 @@ def main(argv):
   if "ce" in results and "contrast" in results:
     out["contrast_over_ce"] = round(results["contrast"]["step_s"] / results["ce"]["step_s"], 4)
     out["contrast_overhead_pct"] = round(100 * (out["contrast_over_ce"] - 1), 2)
+  if official:
+    for variant in results:
+      out[f"{variant}_speedup_vs_official"] = round(
+          official[variant]["step_s"] / results[variant]["step_s"], 3)
   out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(out), flush=True)
 

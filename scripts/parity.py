@@ -1,12 +1,13 @@
 """Checks pixcon_jax against golden outputs of the official PyTorch code.
 
-Usage: python scripts/parity.py CASE.json [CASE.json ...]
+Usage: python scripts/parity.py [--conv_impl=IMPL] CASE.json [CASE.json ...]
 
 Each case file names its `fixture` kind; the matching runner in
 `pixcon_jax.parity` rebuilds the inputs (and stand-in weights via the golden
 folder's `weights.py`), runs our code and prints one JSON line per compared
 quantity with `case`, `max_abs_diff`, `tolerance`, `ok`. Exit status 0 only if
-every line is ok.
+every line is ok. `--conv_impl` (auto | xla | matmul | winograd, default auto) picks
+the convolution algorithm of the network cases; every one must pass.
 """
 from __future__ import annotations
 
@@ -17,9 +18,16 @@ import sys
 import jax
 
 from pixcon_jax import parity
+from pixcon_jax.models import conv as conv_lib
 
 
 def main(argv: list[str]) -> int:
+  conv_impl = "auto"
+  if argv and argv[0].startswith("--conv_impl="):
+    conv_impl = argv.pop(0).split("=", 1)[1]
+    if conv_impl not in conv_lib.IMPLS:
+      print(f"--conv_impl={conv_impl!r}: expected one of {conv_lib.IMPLS}", file=sys.stderr)
+      return 2
   if not argv:
     print(__doc__, file=sys.stderr)
     return 2
@@ -33,7 +41,8 @@ def main(argv: list[str]) -> int:
         continue
       kind = json.loads(path.read_text()).get("fixture")
       try:
-        rows = parity.runner(kind)(path)
+        options = {"conv_impl": conv_impl} if kind in parity.MODEL_FIXTURES else {}
+        rows = parity.runner(kind)(path, **options)
       except ValueError as e:
         rows = [{"case": path.stem, "ok": False, "error": str(e)}]
       for row in rows:

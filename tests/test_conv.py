@@ -12,9 +12,8 @@ from pixcon_jax.models import conv
 # (H, W, kernel, stride, dilation, padding): the convs of HRNet, the deep-stem ResNet (strided,
 # dilated), ASPP (padding = dilation > size), 1x1 shortcuts with stride, and odd sizes.
 CASES = [
-    (8, 12, 3, 1, 1, 1), (7, 9, 3, 1, 1, 1), (7, 9, 3, 1, 1, 0), (5, 6, 3, 1, 1, 3),
-    (8, 12, 3, 2, 1, 1), (7, 9, 3, 2, 1, 1), (7, 9, 3, 1, 2, 2), (5, 6, 3, 1, 4, 4),
-    (6, 7, 3, 2, 2, 2), (8, 12, 1, 1, 1, 0), (7, 9, 1, 2, 1, 0),
+    (8, 12, 3, 1, 1, 1), (7, 9, 3, 1, 1, 1), (5, 6, 3, 1, 1, 3), (7, 9, 3, 2, 1, 1),
+    (7, 9, 3, 1, 2, 2), (6, 7, 3, 2, 2, 2), (8, 12, 1, 1, 1, 0), (7, 9, 1, 2, 1, 0),
 ]
 
 
@@ -123,30 +122,30 @@ def test_model_wide_winograd_falls_back_where_it_does_not_apply():
 
 @pytest.mark.parametrize("name", ["hrnet_w18_contrast", "deeplab_v3_contrast"])
 def test_conv_impl_reaches_every_conv_of_a_model(name, quick_jit):
-  # A tiny network gives the same outputs whichever algorithm its convs use.
+  # A tiny network gives the same outputs whichever algorithm its convs use (DeepLab here).
   tiny = {"hrnet_w18_contrast": dict(widths=(4, 8, 16, 32), stage_modules=(1, 1, 1),
                                      num_blocks=1, stem_width=8, layer1_planes=4,
                                      layer1_blocks=1, proj_dim=8),
           "deeplab_v3_contrast": dict(stage_depths=(1, 1, 1, 1), width=4, stem_width=4,
                                       aspp_features=8, aux_features=8, proj_dim=8)}[name]
   image = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 48, 3)), jnp.float32)
-  outs = {}
-  # Model-wide "winograd" runs Winograd where it applies and im2col elsewhere (1x1, strided).
-  for impl in ("xla", "winograd"):
-    model = models.build_model(name, num_classes=3, conv_impl=impl, **tiny)
-    if impl == "xla":
-      variables = model.init(jax.random.PRNGKey(0), image, train=False)
-    outs[impl] = quick_jit(lambda v, x, m=model: m.apply(v, x, train=False), variables, image)
-  for key in ("logits", "embedding"):
-    np.testing.assert_allclose(outs["winograd"][key], outs["xla"][key], rtol=0, atol=1e-4,
-                               err_msg=key)
-  # And the choice is really made per conv: a traced model with "xla" has no dot_general.
-  jaxpr = str(jax.make_jaxpr(lambda v, x: models.build_model(
-      name, num_classes=3, conv_impl="xla", **tiny).apply(v, x, train=False))(variables, image))
-  assert "conv_general_dilated" in jaxpr
-  jaxpr = str(jax.make_jaxpr(lambda v, x: models.build_model(
-      name, num_classes=3, conv_impl="matmul", **tiny).apply(v, x, train=False))(variables, image))
-  assert "conv_general_dilated" not in jaxpr
+  build = lambda impl: models.build_model(name, num_classes=3, conv_impl=impl, **tiny)
+  variables = jax.eval_shape(lambda: build("xla").init(jax.random.PRNGKey(0), image, train=False))
+  if name == "deeplab_v3_contrast":
+    # HRNet's outputs under im2col are checked against the official ones (test_parity_models;
+    # Winograd there with -m slow); compiling its Winograd graph here would cost a minute.
+    variables = build("xla").init(jax.random.PRNGKey(0), image, train=False)
+    # Model-wide "winograd" runs Winograd where it applies and im2col elsewhere (1x1, strided).
+    outs = {impl: quick_jit(lambda v, x, m=build(impl): m.apply(v, x, train=False), variables,
+                            image) for impl in ("xla", "winograd")}
+    for key in ("logits", "embedding"):
+      np.testing.assert_allclose(outs["winograd"][key], outs["xla"][key], rtol=0, atol=1e-4,
+                                 err_msg=key)
+  # And the algorithm reaches every conv: only "xla" traces to conv_general_dilated.
+  for impl, native in (("xla", True), ("matmul", False), ("winograd", False)):
+    jaxpr = str(jax.make_jaxpr(lambda v, x, m=build(impl): m.apply(v, x, train=False))(
+        variables, image))
+    assert ("conv_general_dilated" in jaxpr) == native, impl
 
 
 def test_unknown_conv_impl_is_refused_by_name():

@@ -49,9 +49,11 @@ def test_model_matches_official_outputs(case, golden_dir):
 # At the fixtures' small inputs "auto" keeps most convs native (`conv.MATMUL_MIN_FLOPS`); these
 # run the CPU algorithms of full-size training against the same official outputs: im2col in
 # inference and in training mode (batch statistics and updated BN buffers), and Winograd
-# wherever it applies (opt-in: 90 s of compilation; tests/test_conv.py checks it in the suite).
+# wherever it applies. Training mode and Winograd are opt-in (`-m slow`: 2 minutes of
+# compilation; tests/test_conv.py checks every algorithm against the native op in the suite).
 @pytest.mark.parametrize("case_name,conv_impl", [
-    ("hrnet_w48_contrast", "matmul"), ("hrnet_w48_backbone_train", "matmul"),
+    ("hrnet_w48_contrast", "matmul"),
+    pytest.param("hrnet_w48_backbone_train", "matmul", marks=pytest.mark.slow),
     pytest.param("hrnet_w48_contrast", "winograd", marks=pytest.mark.slow)])
 def test_conv_algorithms_match_official_outputs(case_name, conv_impl, golden_dir):
   case = golden_dir / f"{case_name}.json"

@@ -134,7 +134,7 @@ def test_conv_impl_reaches_every_conv_of_a_model(name, quick_jit):
   if name == "deeplab_v3_contrast":
     # HRNet's outputs under im2col are checked against the official ones (test_parity_models;
     # Winograd there with -m slow); compiling its Winograd graph here would cost a minute.
-    variables = build("xla").init(jax.random.PRNGKey(0), image, train=False)
+    variables = quick_jit(lambda: build("xla").init(jax.random.PRNGKey(0), image, train=False))
     # Model-wide "winograd" runs Winograd where it applies and im2col elsewhere (1x1, strided).
     outs = {impl: quick_jit(lambda v, x, m=build(impl): m.apply(v, x, train=False), variables,
                             image) for impl in ("xla", "winograd")}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOTAL_STEPS = 24
+TOTAL_STEPS = 16
 
 TINY = [
     "--config.model.overrides.widths=(8,16,32,64)", "--config.model.overrides.stem_width=16",
@@ -27,7 +27,7 @@ TINY = [
     "--config.data.synthetic_num_train=32", "--config.data.synthetic_num_val=4",
     "--config.data.eval_batch_size=4", "--config.data.worker_count=0",
     f"--config.schedule.total_steps={TOTAL_STEPS}", "--config.log.every_steps=1",
-    "--config.eval.every_steps=12", "--config.checkpoint.every_steps=4",
+    "--config.eval.every_steps=8", "--config.checkpoint.every_steps=4",
     "--config.eval.num_summary_images=2", "--config.memory.pixel_queue_size=64",
     # Contrast warm-up as in the official recipe, so the test sees lambda switch on.
     "--config.contrast.warmup_steps=3",
@@ -109,7 +109,7 @@ def runs():
   t_a = time.time() - t0
   rc_term, out_term = _run(b, cache, "b_term", signal_at=4, sig=signal.SIGTERM)
   steps_after_term = _steps(b)
-  rc_kill, _ = _run(b, cache, "b_kill", signal_at=max(steps_after_term) + 8, sig=signal.SIGKILL)
+  rc_kill, _ = _run(b, cache, "b_kill", signal_at=max(steps_after_term) + 4, sig=signal.SIGKILL)
   steps_after_kill = _steps(b)
   rc_b, out_b = _run(b, cache, "b_final")
   print(f"run A {t_a:.0f}s; total {time.time() - t0:.0f}s")
@@ -135,7 +135,7 @@ def test_tensorboard_has_losses_miou_per_class_iou_and_images(runs):
               "eval/miou", "eval/iou/road", "eval/iou/car", "eval/predictions"):
     assert tag in ev, (tag, sorted(ev))
   assert len(ev["train/loss"]) == TOTAL_STEPS
-  assert [s for s, _ in ev["eval/miou"]] == [12, 24]
+  assert [s for s, _ in ev["eval/miou"]] == [8, 16]
   assert all(0.0 <= v <= 1.0 for _, v in ev["eval/miou"])
 
 

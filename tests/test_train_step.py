@@ -1,14 +1,21 @@
-"""The sharded train step: 8 devices == 1 device on the same global batch.
+"""The sharded train step: 8 devices == 1 device, and 2 processes x 4 devices == 1 x 8.
 
-Run as a script, this file is the worker: it needs 8 fake CPU devices, which must be set
-before JAX starts, hence the subprocess.
+Both comparisons need fake CPU devices, which must be set before JAX starts, and the second two
+processes joined by `jax.distributed.initialize` on 127.0.0.1; so run as a script this file is
+the worker (`--worker-devices <ref.npz> <recipe>...` or `--worker-process <out.npz> <port> <id>`).
+The module fixture starts the three workers at once; the 8-device run of the first is the
+reference of both tests.
 """
 import os
 import pathlib
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -94,14 +101,30 @@ def assert_trees_close(a, b, what, rtol=2e-4, atol=LEAF_ATOL):
   print(f"{what}: {len(la)} arrays match (max abs diff {worst:.2e})")
 
 
-def worker() -> None:
+def flat_state(state, metrics) -> dict[str, np.ndarray]:
+  """{keystr: array} of a replicated state and metrics, read from a local device."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def local(x):
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  arrays = {jax.tree_util.keystr(p): local(x) for p, x in flat}
+  arrays.update({f"metric/{k}": local(v) for k, v in metrics.items()})
+  return arrays
+
+
+def devices_worker(ref_path: str, recipes: list[str]) -> None:
+  """8 devices vs 1 device for each recipe; saves the paper recipe's 8-device result."""
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8, jax.devices()
   disable_dropout()
-  for recipe in sys.argv[2:]:
+  for recipe in recipes:
     config = tiny_config(recipe)
     batches = [fake_batch(config, 0), fake_batch(config, 1)]
     s8, m8 = run_steps(config, jax.devices(), batches)
+    if recipe == "paper":
+      np.savez(ref_path, **flat_state(s8, m8[-1]))
     s1, m1 = run_steps(config, jax.devices()[:1], batches)
     print(recipe, "metrics 8 devices:", {k: float(v) for k, v in m8[-1].items()})
     print(recipe, "metrics 1 device: ", {k: float(v) for k, v in m1[-1].items()})
@@ -117,20 +140,91 @@ def worker() -> None:
   print("WORKER OK")
 
 
-def _run_worker(*recipes):
-  # Backend optimisation off: the tiny step compiles ~2x faster, and both sides run the same code.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"))
-  proc = subprocess.run([sys.executable, __file__, "--worker", *recipes], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=900)
-  print(proc.stdout[-4000:])
-  assert proc.returncode == 0 and "WORKER OK" in proc.stdout, proc.stderr[-6000:]
+def process_worker(out_path: str, port: str, process_id: str) -> None:
+  """One of two processes (4 devices each) taking the paper recipe's two steps together."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=int(process_id))
+  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
+  disable_dropout()
+  config = tiny_config("paper")
+  exp = train.setup(config)
+  state = ts.create_train_state(
+      config, exp.train_model, exp.tx, exp.mesh, image_shape=tuple(config.data.crop_size) + (3,),
+      num_classes=config.model.num_classes, num_train_images=16, rng=jax.random.PRNGKey(0))
+  step = ts.make_train_step(config, exp.train_model, exp.tx, exp.mesh)
+  # Each process feeds its contiguous slice of the global batch (its devices' rows).
+  per = config.data.batch_size // jax.process_count()
+  lo = jax.process_index() * per
+  for seed in (0, 1):
+    batch = fake_batch(config, seed)
+    local = {k: v[lo:lo + per] for k, v in batch.items()}
+    state, metrics = step(state, sharding.host_local_to_global(local, exp.mesh))
+  arrays = flat_state(state, metrics)  # Replicated: every process holds a full copy.
+  if jax.process_index() == 0:
+    np.savez(out_path, **arrays)
+  print("WORKER OK", jax.process_index(), flush=True)
 
 
-def test_step_on_8_devices_equals_1_device_paper_recipe():
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workers():
+  """Starts the 8-vs-1-device worker and the two joined processes at once; waits for all."""
+  # Not pytest's tmp_path: concurrent pytest sessions rotate /tmp/pytest-of-<user>.
+  root = pathlib.Path(tempfile.mkdtemp(prefix="pixcon_train_step_"))
+  # Backend optimisation off: the tiny step compiles ~2x faster; the same for every worker.
+  opt0 = " --xla_backend_optimization_level=0"
+  base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  ref, multi, port = root / "ref.npz", root / "multi.npz", str(_free_port())
+  specs = {"devices": (["--worker-devices", str(ref), "paper"], 8)}
+  for pid in ("0", "1"):
+    specs[f"process{pid}"] = (["--worker-process", str(multi), port, pid], 4)
+  procs = {name: subprocess.Popen(
+      [sys.executable, __file__, *args], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env=dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}" + opt0))
+           for name, (args, n) in specs.items()}
+  outputs = {name: p.communicate(timeout=900) for name, p in procs.items()}
+  results = {name: (procs[name].returncode, *outputs[name]) for name in procs}
+  yield dict(results=results, ref=ref, multi=multi)
+  shutil.rmtree(root, ignore_errors=True)
+
+
+def _assert_ok(workers, name):
+  rc, out, err = workers["results"][name]
+  print(out[-4000:])
+  assert rc == 0 and "WORKER OK" in out, err[-6000:]
+
+
+def test_step_on_8_devices_equals_1_device_paper_recipe(workers):
   """Params, BN stats, optimizer state, memory bank and metrics agree (float32 tolerance)."""
-  _run_worker("paper")
+  _assert_ok(workers, "devices")
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-  worker()
+def test_two_processes_equal_one_process(workers):
+  """jax.distributed with 2 x 4 devices gives the single 8-device process's state."""
+  _assert_ok(workers, "process0")
+  _assert_ok(workers, "process1")
+  a, b = np.load(workers["ref"]), np.load(workers["multi"])
+  assert sorted(a.files) == sorted(b.files)
+  assert any("memory" in k for k in a.files)
+  for k in a.files:
+    x, y = a[k], b[k]
+    if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
+      np.testing.assert_array_equal(x, y, err_msg=k)
+    else:
+      scale = max(1.0, float(np.max(np.abs(x)))) if x.size else 1.0
+      np.testing.assert_allclose(y, x, rtol=2e-4, atol=LEAF_ATOL * scale, err_msg=k)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker-devices"]:
+  devices_worker(sys.argv[2], sys.argv[3:])
+elif __name__ == "__main__" and sys.argv[1:2] == ["--worker-process"]:
+  process_worker(*sys.argv[2:5])

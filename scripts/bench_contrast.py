@@ -10,6 +10,9 @@ Reports, for loss + gradient w.r.t. the embedding:
   x whole contrast set, mining over full rows), compiled, not run.
 - `train_step_flops`: value_and_grad of a CE loss of HRNet-W48 (+ projection head) in train mode on
   2 x 512x1024 (ShapeDtypeStruct inputs, compiled, not run); `contrast_flop_share` = flops / that.
+- `time_paper_loss_grad_s`: loss + grad at paper settings with a full bank (T = 10 N, N = 2975),
+  and `time_top_k_s`: `lax.top_k` alone on the mining's shapes (all anchors x each pool, k = K),
+  the largest part of the loss on XLA:CPU;
 - timings of loss + grad of both versions at a reduced bank size that the naive one can run on CPU
   (`timing_config`), their ratio, and `naive_match_abs_diff`: |loss - naive loss| with pools
   covering the whole (reduced) bank and deterministic 'hardest' mining (should be ~1e-6).
@@ -172,6 +175,18 @@ def _time(fn, args, repeats):
   return (time.perf_counter() - start) / repeats, out
 
 
+def top_k_times(settings, *, num_classes: int, repeats: int) -> dict[str, float]:
+  """Seconds of `lax.top_k` alone on the mining's shapes: all anchors x each pool, k = K."""
+  rows = num_classes * settings.anchors_per_class
+  out = {}
+  for name, pool, k in (("positives", settings.positive_pool, settings.num_positives),
+                        ("negatives", settings.negative_pool, settings.num_negatives)):
+    x = jax.random.normal(jax.random.key(3), (rows, pool))
+    fn = jax.jit(lambda v, k=k: jax.lax.top_k(v, k))
+    out[f"{name} [{rows}, {pool}] k={k}"], _ = _time(fn, (x,), repeats)
+  return out
+
+
 def _log(msg):
   print(f"[bench_contrast {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -210,6 +225,13 @@ def main(argv=None):
     except Exception as e:  # pylint: disable=broad-except
       result["train_step_flops"] = None
       result["train_step_error"] = f"{type(e).__name__}: {e}"[:300]
+
+  _log("timing at paper settings with a full bank, and the mining's top_k alone")
+  inputs = _random_inputs(jax.random.key(2), **paper)
+  result["time_paper_loss_grad_s"], _ = _time(
+      _value_and_grad(loss_lib.pixel_contrast_loss, settings), inputs, flags.repeats)
+  result["time_top_k_s"] = top_k_times(settings, num_classes=paper["num_classes"],
+                                       repeats=flags.repeats)
 
   _log("timing at reduced bank size")
   # Timing at a reduced bank that the naive form can run on this host.

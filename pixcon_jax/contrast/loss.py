@@ -39,8 +39,8 @@ top_k on masked scores and takes the selected similarity values with take_along_
 gradient goes back through the matmul (dS @ pool for the anchors, dS^T @ anchors for in-batch pool
 pixels), never through [A, K, D] gathered embeddings. The negative pool is shared by all classes,
 so its similarities are one [C x A, pool-] matmul per source before the loop (a few large matmuls
-run ~3x faster than C small ones on CPU), and that block (78 MB at paper settings) is kept for the
-backward pass. Otherwise only the selected indices and values are kept (`_REMAT_POLICY`): no
+run ~1.6x faster than C small ones on CPU), and that block (78 MB at paper settings) is kept
+for the backward pass. Otherwise only the selected indices and values are kept (`_REMAT_POLICY`): no
 positive block is stored and no similarity matmul is recomputed.
 Gradients reach the anchors and the in-batch contrast pixels; memory keys are constants.
 
@@ -304,8 +304,7 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
                     nm_label=cls)
 
   # The negative pool is shared by all classes: every anchor against it is one [C*A, D] x [D, Q-]
-  # matmul per source, at full matmul speed (C per-class [A, D] blocks, A = 50, run at a third
-  # of it on CPU). The [C, A, Q-] result (78 MB at paper settings) is the one similarity block
+  # matmul per source (C per-class [A, D] x [D, Q-] matmuls, A = 50, run ~1.6x slower on CPU). The [C, A, Q-] result (78 MB at paper settings) is the one similarity block
   # kept for the backward pass. Separate matmuls per source, so that the backward computes the
   # pool gradient only for the in-batch pixels, not for the constant memory keys.
   for name in ("bn", "nm"):

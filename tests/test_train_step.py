@@ -191,7 +191,12 @@ def workers():
       stderr=subprocess.PIPE, text=True,
       env=dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}" + opt0))
            for name, (args, n) in specs.items()}
-  outputs = {name: p.communicate(timeout=900) for name, p in procs.items()}
+  try:
+    outputs = {name: p.communicate(timeout=900) for name, p in procs.items()}
+  finally:
+    for p in procs.values():  # A hung worker (e.g. a failed distributed join) must not linger.
+      if p.poll() is None:
+        p.kill()
   results = {name: (procs[name].returncode, *outputs[name]) for name in procs}
   yield dict(results=results, ref=ref, multi=multi)
   shutil.rmtree(root, ignore_errors=True)

@@ -304,9 +304,10 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
                     nm_label=cls)
 
   # The negative pool is shared by all classes: every anchor against it is one [C*A, D] x [D, Q-]
-  # matmul per source (C per-class [A, D] x [D, Q-] matmuls, A = 50, run ~1.6x slower on CPU). The [C, A, Q-] result (78 MB at paper settings) is the one similarity block
-  # kept for the backward pass. Separate matmuls per source, so that the backward computes the
-  # pool gradient only for the in-batch pixels, not for the constant memory keys.
+  # matmul per source (C per-class [A, D] x [D, Q-] matmuls, A = 50, run ~1.6x slower on CPU).
+  # The [C, A, Q-] result (78 MB at paper settings) is the one similarity block kept for the
+  # backward pass. One matmul per source, so that the backward computes the pool gradient only
+  # for the in-batch pixels, not for the constant memory keys.
   for name in ("bn", "nm"):
     if name in consts:
       xs[f"{name}_sim"] = jnp.einsum("cad,qd->caq", xs["anchor"], consts.pop(name))

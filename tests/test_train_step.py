@@ -217,6 +217,8 @@ def test_two_processes_equal_one_process(workers):
   """jax.distributed with 2 x 4 devices gives the single 8-device process's state."""
   _assert_ok(workers, "process0")
   _assert_ok(workers, "process1")
+  assert workers["ref"].exists(), ("the 8-device reference run failed",
+                                   workers["results"]["devices"][2][-6000:])
   a, b = np.load(workers["ref"]), np.load(workers["multi"])
   assert sorted(a.files) == sorted(b.files)
   assert any("memory" in k for k in a.files)

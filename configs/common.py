@@ -88,7 +88,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.contrast.num_positives = 1024  # K positives per anchor.
   c.contrast.num_negatives = 2048  # K negatives per anchor.
   c.contrast.semi_hard_fraction = 0.1  # Top 10% hardest, then K at random.
-  c.contrast.top_k = "exact"  # exact | approx (TPU approx_max_k).
+  c.contrast.top_k = "bisect"  # mining top-k: bisect (exact, no sort) | sort (lax.top_k) | approx (TPU).
   c.contrast.positive_pool = 10240  # Candidate pool per class for positives (10 x K+).
   c.contrast.negative_pool = 20480  # Candidate pool for negatives (10 x K-).
   c.contrast.batch_pool_fraction = 0.2  # Share of the pools drawn from the mini-batch.

@@ -11,8 +11,8 @@ Reports, for loss + gradient w.r.t. the embedding:
 - `train_step_flops`: value_and_grad of a CE loss of HRNet-W48 (+ projection head) in train mode on
   2 x 512x1024 (ShapeDtypeStruct inputs, compiled, not run); `contrast_flop_share` = flops / that.
 - `time_paper_loss_grad_s`: loss + grad at paper settings with a full bank (T = 10 N, N = 2975),
-  and `time_top_k_s`: `lax.top_k` alone on the mining's shapes (all anchors x each pool, k = K),
-  the largest part of the loss on XLA:CPU;
+  and `time_selection_s`: the mining's top-k selection alone on its shapes (all anchors x each
+  pool, k = K) by `lax.top_k` and by bisection (`sampling.top_k_mask`, the default);
 - timings of loss + grad of both versions at a reduced bank size that the naive one can run on CPU
   (`timing_config`), their ratio, and `naive_match_abs_diff`: |loss - naive loss| with pools
   covering the whole (reduced) bank and deterministic 'hardest' mining (should be ~1e-6).
@@ -77,13 +77,13 @@ def naive_contrast_loss(embedding, label, predict, image_id, memory, rng, *, set
   pos_ok = same & key_ok[None, :] & (key_pix[None, :] != index.reshape(-1)[:, None]) & a_ok
   neg_ok = ~same & key_ok[None, :] & a_ok
   rng_pos, rng_neg = jax.random.split(rng_mine)
-  pos, pos_ok = sampling.mine(sim, pos_ok, rng_pos, num=s.num_positives, mode=s.mining,
-                              harder="low", fraction=s.semi_hard_fraction,
-                              at_least_num=s.semi_hard_at_least_k)
-  neg, neg_ok = sampling.mine(sim, neg_ok, rng_neg, num=s.num_negatives, mode=s.mining,
-                              harder="high", fraction=s.semi_hard_fraction,
-                              at_least_num=s.semi_hard_at_least_k)
-  per_anchor, ok = loss_lib.eq3_anchor_loss(pos, pos_ok, neg, neg_ok, s.temperature)
+  pos_sel = sampling.mine_mask(sim, pos_ok, rng_pos, num=s.num_positives, mode=s.mining,
+                               harder="low", fraction=s.semi_hard_fraction, top_k=s.top_k,
+                               at_least_num=s.semi_hard_at_least_k)
+  neg_sel = sampling.mine_mask(sim, neg_ok, rng_neg, num=s.num_negatives, mode=s.mining,
+                               harder="high", fraction=s.semi_hard_fraction, top_k=s.top_k,
+                               at_least_num=s.semi_hard_at_least_k)
+  per_anchor, ok = loss_lib.eq3_anchor_loss(sim, pos_sel, sim, neg_sel, s.temperature)
   ok &= valid.reshape(-1)
   loss = jnp.sum(jnp.where(ok, per_anchor, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
   return loss, {"num_valid_anchors": jnp.sum(ok).astype(jnp.float32)}
@@ -175,15 +175,21 @@ def _time(fn, args, repeats):
   return (time.perf_counter() - start) / repeats, out
 
 
-def top_k_times(settings, *, num_classes: int, repeats: int) -> dict[str, float]:
-  """Seconds of `lax.top_k` alone on the mining's shapes: all anchors x each pool, k = K."""
-  rows = num_classes * settings.anchors_per_class
+def selection_times(settings, *, num_classes: int, repeats: int) -> dict[str, dict[str, float]]:
+  """Seconds of the mining's top-k selection alone on its shapes (all anchors x each pool, k = K,
+  one class block of anchors at a time as in the loss): `lax.top_k` and the bisection mask."""
+  a = settings.anchors_per_class
   out = {}
   for name, pool, k in (("positives", settings.positive_pool, settings.num_positives),
                         ("negatives", settings.negative_pool, settings.num_negatives)):
-    x = jax.random.normal(jax.random.key(3), (rows, pool))
-    fn = jax.jit(lambda v, k=k: jax.lax.top_k(v, k))
-    out[f"{name} [{rows}, {pool}] k={k}"], _ = _time(fn, (x,), repeats)
+    x = jax.random.normal(jax.random.key(3), (num_classes, a, pool))
+    valid = jnp.ones(x.shape, bool)
+    times = {}
+    for impl in ("sort", "bisect"):
+      fn = jax.jit(lambda v, ok, k=k, impl=impl: jax.lax.map(
+          lambda b: sampling.top_k_mask(b[0], b[1], k, impl=impl), (v, ok)))
+      times["lax_top_k" if impl == "sort" else impl], _ = _time(fn, (x, valid), repeats)
+    out[f"{name} [{num_classes * a}, {pool}] k={k}"] = times
   return out
 
 
@@ -226,12 +232,12 @@ def main(argv=None):
       result["train_step_flops"] = None
       result["train_step_error"] = f"{type(e).__name__}: {e}"[:300]
 
-  _log("timing at paper settings with a full bank, and the mining's top_k alone")
+  _log("timing at paper settings with a full bank, and the mining's selection alone")
   inputs = _random_inputs(jax.random.key(2), **paper)
   result["time_paper_loss_grad_s"], _ = _time(
       _value_and_grad(loss_lib.pixel_contrast_loss, settings), inputs, flags.repeats)
-  result["time_top_k_s"] = top_k_times(settings, num_classes=paper["num_classes"],
-                                       repeats=flags.repeats)
+  result["time_selection_s"] = selection_times(settings, num_classes=paper["num_classes"],
+                                               repeats=flags.repeats)
 
   _log("timing at reduced bank size")
   # Timing at a reduced bank that the naive form can run on this host.

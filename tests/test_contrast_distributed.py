@@ -59,9 +59,14 @@ _SCRIPT = textwrap.dedent("""
         for d in range(1, 8):  # bitwise identical on every device
           assert stacked[d].tobytes() == stacked[0].tobytes(), (mode, name, d)
         want = np.asarray(getattr(single, name))
-        np.testing.assert_array_equal(stacked[0], want, err_msg=f"{mode} {name}")
+        # Equal to one device holding the whole batch: exactly for slots and pointers; keys
+        # within float32 rounding (the region means are batched matmuls, whose summation order
+        # XLA:CPU may pick per batch size and per instruction set).
+        same = (functools.partial(np.testing.assert_allclose, rtol=0, atol=1e-6)
+                if name.endswith("keys") else np.testing.assert_array_equal)
+        same(stacked[0], want, err_msg=f"{mode} {name}")
         got = np.asarray(getattr(replicated, name))
-        np.testing.assert_array_equal(got[0] if mode == "fifo" else got, want)
+        same(got[0] if mode == "fifo" else got, want)
       assert np.asarray(single.pixel_valid).all()
 
     # The loss runs per device inside shard_map (local anchors, replicated bank, per-device rng).

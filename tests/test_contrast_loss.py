@@ -89,6 +89,7 @@ def _jitted(settings):
     dict(mining="hardest", sources=("batch", "region_memory"), class_block=2),
     dict(mining="hardest", sources=("batch",), scope="intra", num_positives=100,
          num_negatives=100),
+    dict(mining="hardest", top_k="sort"),
 ])
 def test_loss_matches_numpy_eq3(overrides):
   emb, label, predict, image_id, memory = _case()
@@ -176,7 +177,25 @@ def test_pools_smaller_than_bank_give_k_samples():
   assert float(metrics["num_valid_anchors"]) == 3 * C
 
 
+@pytest.mark.parametrize("mining", ["semi_hard", "hardest", "random"])
+def test_bisect_and_sort_selection_give_the_same_loss_and_gradient(mining):
+  emb, label, predict, image_id, memory = _case(seed=5, h=8, w=8)
+  memory = memory.replace(pixel_valid=jnp.ones_like(memory.pixel_valid))
+  # Pools of 10 x K drawn from a larger set: semi-hard keeps exactly the K hardest of each.
+  base = loss_lib.ContrastSettings(anchors_per_class=6, num_positives=4, num_negatives=8,
+                                   positive_pool=40, negative_pool=80, mining=mining)
+  args = (jnp.asarray(emb), jnp.asarray(label), jnp.asarray(predict), jnp.asarray(image_id),
+          memory, jax.random.key(0))
+  (l_bisect, m_bisect), g_bisect = _jitted(dataclasses.replace(base, top_k="bisect"))(*args)
+  (l_sort, m_sort), g_sort = _jitted(dataclasses.replace(base, top_k="sort"))(*args)
+  assert float(m_bisect["mean_negatives"]) == float(m_sort["mean_negatives"]) == 8
+  np.testing.assert_allclose(float(l_bisect), float(l_sort), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_bisect), np.asarray(g_sort), rtol=1e-5, atol=1e-7)
+
+
 def test_settings_reject_bad_values():
+  with pytest.raises(ValueError, match="top_k"):
+    loss_lib.ContrastSettings(top_k="exact")
   with pytest.raises(ValueError, match="intra"):
     loss_lib.ContrastSettings(scope="intra")
   with pytest.raises(ValueError, match="mining"):

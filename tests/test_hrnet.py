@@ -89,8 +89,11 @@ def test_train_mode_cross_replica_bn_equals_one_big_batch(quick_jit):
   old = variables["batch_stats"]["backbone"]["bn1"]["mean"]
   new = updated["batch_stats"]["backbone"]["bn1"]["mean"]
   assert not np.allclose(old, new)
-  np.testing.assert_allclose(rep_out["features"][3][:, 0], out["features"][3], rtol=1e-4,
-                             atol=1e-4)
+  # The 1/32 branch is 1x1 per image: its BN normalises over 2 values, which amplifies the
+  # float32 rounding of the two summation orders (measured 1.8e-4 on an AVX-512 CPU); a missing
+  # synchronisation changes the statistics, and these features, by O(1).
+  np.testing.assert_allclose(rep_out["features"][3][:, 0], out["features"][3], rtol=1e-3,
+                             atol=1e-3)
   for path, value in flax.traverse_util.flatten_dict(updated["batch_stats"]).items():
     rep = flax.traverse_util.flatten_dict(rep_updated["batch_stats"])[path]
     np.testing.assert_allclose(rep[0], value, rtol=1e-4, atol=1e-5, err_msg=str(path))

@@ -84,7 +84,54 @@ def test_seg_aware_hard_takes_half_hard_when_plenty():
   np.testing.assert_array_equal(hard0, predict[np.asarray(index[0])] != 0)
 
 
-@pytest.mark.parametrize("top_k", ["exact", "approx"])
+def _top_k_mask_cases(a=6, q=59):
+  rng = np.random.default_rng(0)
+  for trial in range(40):
+    if trial % 3 == 0:  # many ties, extremes (-inf is how the sort path masks, so not a score)
+      values = [-3e38, -1.0, -0.5, 0.0, 0.25, 1.0, 3e38, np.inf]
+      score = rng.choice(values, size=(a, q)).astype(np.float32)
+    else:
+      score = (rng.normal(size=(a, q)) * 10.0 ** rng.integers(-30, 30)).astype(np.float32)
+    valid = rng.uniform(size=(a, q)) < rng.uniform(0.0, 1.0)
+    k = rng.integers(0, q + 3, size=(a,))
+    yield score, valid, k
+
+
+@functools.partial(jax.jit, static_argnames=("impl",))
+def _top_k_mask(score, valid, k, impl):
+  return sampling.top_k_mask(score, valid, k, k_max=score.shape[-1], impl=impl)
+
+
+def test_top_k_mask_bisect_selects_the_set_of_lax_top_k():
+  for score, valid, k in _top_k_mask_cases():
+    bisect = np.asarray(_top_k_mask(score, valid, k, "bisect"))
+    np.testing.assert_array_equal(bisect, np.asarray(_top_k_mask(score, valid, k, "sort")))
+    # And against numpy: min(k, n_valid) entries, all valid, none smaller than one left out.
+    for row in range(score.shape[0]):
+      sel, ok = bisect[row], valid[row]
+      assert sel.sum() == min(k[row], ok.sum()) and not (sel & ~ok).any()
+      if sel.any() and (ok & ~sel).any():
+        assert score[row][sel].min() >= score[row][ok & ~sel].max()
+
+
+def test_top_k_mask_static_k_under_jit_and_map():
+  rng = np.random.default_rng(1)
+  score = jnp.asarray(rng.normal(size=(3, 4, 500)).astype(np.float32))
+  valid = jnp.asarray(rng.uniform(size=(3, 4, 500)) < 0.9)
+  fn = jax.jit(lambda s, v: jax.lax.map(lambda x: sampling.top_k_mask(x[0], x[1], 37), (s, v)))
+  mask = np.asarray(fn(score, valid))
+  expect = np.zeros_like(mask)
+  for i in range(3):
+    for j in range(4):
+      order = np.argsort(-np.where(np.asarray(valid[i, j]), np.asarray(score[i, j]), -np.inf),
+                         kind="stable")
+      expect[i, j, order[:37]] = True
+  np.testing.assert_array_equal(mask, expect)
+  with pytest.raises(ValueError, match="top_k must be"):
+    sampling.top_k_mask(score, valid, 3, impl="heap")
+
+
+@pytest.mark.parametrize("top_k", ["bisect", "sort", "approx"])
 def test_mine_selects_valid_extremes(top_k):
   rng = np.random.default_rng(0)
   sim = rng.uniform(-1, 1, size=(6, 50)).astype(np.float32)
@@ -93,28 +140,43 @@ def test_mine_selects_valid_extremes(top_k):
   key = jax.random.key(0)
   for mode in ("random", "hardest", "semi_hard"):
     for harder in ("low", "high"):
-      vals, ok = sampling.mine(jnp.asarray(sim), jnp.asarray(valid), key, num=4, mode=mode,
+      sel = sampling.mine_mask(jnp.asarray(sim), jnp.asarray(valid), key, num=4, mode=mode,
                                harder=harder, fraction=0.3, top_k=top_k)
-      vals, ok = np.asarray(vals), np.asarray(ok)
-      assert not ok[5].any()
+      sel = np.asarray(sel)
+      assert not sel[5].any() and not (sel & ~valid).any()
       for a in range(5):
         pool = sim[a][valid[a]]
-        assert ok[a].sum() == 4 and np.isin(vals[a][ok[a]], pool).all()
+        assert sel[a].sum() == 4
         order = np.sort(pool) if harder == "low" else -np.sort(-pool)
-        if mode == "hardest" and top_k == "exact":
-          np.testing.assert_array_equal(np.sort(vals[a]), np.sort(order[:4]))
+        if mode == "hardest" and top_k != "approx":
+          np.testing.assert_array_equal(np.sort(sim[a][sel[a]]), np.sort(order[:4]))
         if mode == "semi_hard":
           top = order[:int(np.ceil(0.3 * len(pool)))]
-          assert np.isin(vals[a][ok[a]], top).all()
+          assert np.isin(sim[a][sel[a]], top).all()
 
 
 def test_mine_semi_hard_random_within_top_fraction():
   sim = jnp.asarray(np.linspace(-1, 1, 100, dtype=np.float32)[None])
   valid = jnp.ones((1, 100), bool)
   picks = set()
+  mine = jax.jit(functools.partial(sampling.mine_mask, num=3, mode="semi_hard", harder="high",
+                                   fraction=0.1))
   for s in range(20):
-    vals, _ = sampling.mine(sim, valid, jax.random.key(s), num=3, mode="semi_hard",
-                            harder="high", fraction=0.1)
-    picks |= set(np.round(np.asarray(vals[0]), 5))
+    sel = mine(sim, valid, jax.random.key(s))
+    assert int(sel.sum()) == 3
+    picks |= set(np.round(np.asarray(sim[0][sel[0]]), 5))
   top10 = set(np.round(np.asarray(sim[0, -10:]), 5))
   assert picks <= top10 and len(picks) > 3  # random among the top 10%, not always the same
+
+
+def test_mine_semi_hard_with_pool_of_ten_k_is_the_hardest_k():
+  # The default pools hold 10 x K candidates: the top 10% is exactly the K hardest.
+  rng = np.random.default_rng(2)
+  sim = jnp.asarray(rng.uniform(-1, 1, size=(5, 200)).astype(np.float32))
+  valid = jnp.ones((5, 200), bool)
+  for harder in ("low", "high"):
+    semi = sampling.mine_mask(sim, valid, jax.random.key(0), num=20, mode="semi_hard",
+                              harder=harder, fraction=0.1)
+    hardest = sampling.mine_mask(sim, valid, jax.random.key(1), num=20, mode="hardest",
+                                 harder=harder)
+    np.testing.assert_array_equal(np.asarray(semi), np.asarray(hardest))

@@ -82,6 +82,13 @@ def disable_dropout():
 # random tiny net that float32 noise measured up to 1.1e-4 of a leaf's largest entry (the stem
 # conv's momentum; every other leaf <= 6e-5). A wrong shard, psum or host slice is O(1).
 LEAF_ATOL = 3e-4
+# The momentum buffers are the raw gradients, and step 2's gradient carries the noise of step 1
+# amplified: BN over 8 values (one 1x1 map per image at the 1/32 branch) turns 1e-7 into 1e-5 in
+# the step-1 embeddings, which step 2 reads back from the memory bank as contrast keys
+# (tau = 0.1). On an AVX-512 CPU the 1-device run at XLA optimisation level 0 measured 4.1e-3 of
+# a leaf's scale (the same run at the default level: 5e-5; params, BN statistics and memory stay
+# within 2e-5). Still far from the O(1) of a lost pmean or a wrong shard.
+GRAD_LEAF_ATOL = 1e-2
 
 
 def assert_trees_close(a, b, what, rtol=2e-4, atol=LEAF_ATOL):
@@ -89,7 +96,7 @@ def assert_trees_close(a, b, what, rtol=2e-4, atol=LEAF_ATOL):
   import jax  # pylint: disable=g-import-not-at-top
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb), what
-  worst = 0.0
+  worst = worst_scaled = 0.0
   for x, y in zip(la, lb):
     x, y = np.asarray(x), np.asarray(y)
     if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
@@ -98,7 +105,9 @@ def assert_trees_close(a, b, what, rtol=2e-4, atol=LEAF_ATOL):
       scale = max(1.0, float(np.max(np.abs(y)))) if y.size else 1.0
       np.testing.assert_allclose(x, y, rtol=rtol, atol=atol * scale, err_msg=what)
       worst = max(worst, float(np.max(np.abs(x - y))) if x.size else 0.0)
-  print(f"{what}: {len(la)} arrays match (max abs diff {worst:.2e})")
+      worst_scaled = max(worst_scaled, float(np.max(np.abs(x - y))) / scale if x.size else 0.0)
+  print(f"{what}: {len(la)} arrays match (max abs diff {worst:.2e}, {worst_scaled:.2e} of the "
+        "leaf's scale)")
 
 
 def flat_state(state, metrics) -> dict[str, np.ndarray]:
@@ -131,7 +140,7 @@ def devices_worker(ref_path: str, recipes: list[str]) -> None:
     assert m8[-1]["contrast_loss"] > 0
     assert_trees_close(s8.params, s1.params, f"{recipe} params")
     assert_trees_close(s8.batch_stats, s1.batch_stats, f"{recipe} batch_stats")
-    assert_trees_close(s8.opt_state, s1.opt_state, f"{recipe} opt_state")
+    assert_trees_close(s8.opt_state, s1.opt_state, f"{recipe} opt_state", atol=GRAD_LEAF_ATOL)
     if recipe == "paper":
       assert s8.memory is not None and bool(np.any(s8.memory.pixel_valid))
       assert_trees_close(s8.memory, s1.memory, f"{recipe} memory")

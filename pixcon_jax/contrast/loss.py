@@ -34,14 +34,16 @@ exact (the tests compare with a direct numpy Eq. 3).
 hardest-of-M: set the pools to the bank size (at ~1e12 FLOPs) for the exact ablation.
 
 Memory: anchors are processed one class block at a time (`lax.map` under `jax.checkpoint`); a block
-computes its similarities to its class's positive pool [A_c, pool+] by matmul, selects indices with
-top_k on masked scores and takes the selected similarity values with take_along_axis, so the
-gradient goes back through the matmul (dS @ pool for the anchors, dS^T @ anchors for in-batch pool
-pixels), never through [A, K, D] gathered embeddings. The negative pool is shared by all classes,
-so its similarities are one [C x A, pool-] matmul per source before the loop (a few large matmuls
-run ~1.6x faster than C small ones on CPU), and that block (78 MB at paper settings) is kept
-for the backward pass. Otherwise only the selected indices and values are kept (`_REMAT_POLICY`): no
-positive block is stored and no similarity matmul is recomputed.
+computes its similarities to its class's positive pool [A_c, pool+] by matmul and selects the
+mined entries as a mask (`sampling.mine_mask`: the exact top-k set, found by bisection on the k-th
+value instead of a sort), and Eq. 3 reads the selected similarities in place (masked sums over the
+block). So the gradient goes back through the matmul as a dense, masked one (dS @ pool for the
+anchors, dS^T @ anchors for in-batch pool pixels): no gathered [A, K, D] embeddings, no gather of
+selected values and no scatter-add. The negative pool is shared by all classes, so its
+similarities are one [C x A, pool-] matmul per source before the loop (a few large matmuls run
+~1.6x faster than C small ones on CPU), and that block (78 MB at paper settings) is kept for the
+backward pass. Per class block the positive block and the selection masks are kept
+(`_REMAT_POLICY`): no similarity matmul and no selection is recomputed.
 Gradients reach the anchors and the in-batch contrast pixels; memory keys are constants.
 
 Measured at paper settings (scripts/bench_contrast.py, CPU): see the JSON it prints
@@ -63,11 +65,11 @@ from pixcon_jax.contrast.memory import MemoryBank
 
 SOURCES = ("batch", "pixel_memory", "region_memory")
 _SELECTION = "contrast_selection"
-# Per class block only the mined indices and their similarity values survive to the backward pass
-# ([A, K+ + K-] int32 + float32 + mask, ~1.5 MB per class at paper settings). Everything else --
-# pool gathers, the [A, pool] similarity blocks, the top_k -- is dropped; the backward of
-# take_along_axis needs only the indices and that of the block matmul only its inputs, so the
-# similarity matmuls are not recomputed (only the cheap pool gathers are).
+# Per class block only the selection masks and the positive similarity block survive to the
+# backward pass ([A, pool+] float32 + [A, pool+ + pool-] bool, ~3.5 MB per class at paper
+# settings; the negative block is an input of the loop). Everything else -- the pool gathers, the
+# bisection -- is dropped; the backward of the block matmul needs only its inputs, so no
+# similarity matmul and no selection is recomputed (only the cheap pool gathers are).
 _REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_SELECTION)
 
 
@@ -90,7 +92,9 @@ class ContrastSettings:
       top fraction is smaller than K (e.g. a class's share of the shared negative pool, or an
       early, small bank) still yields K samples; the paper's bank (top 10% of ~600k) always holds
       more than K. False = strictly the top fraction.
-    top_k: 'exact' (lax.top_k) or 'approx' (lax.approx_max_k, for TPU).
+    top_k: how the mining selects its top-k set: 'bisect' (exact, by bisection on the k-th value,
+      no sort; the fast one on CPU), 'sort' (exact, lax.top_k) or 'approx' (lax.approx_max_k,
+      for TPU). See `sampling.top_k_mask`.
     positive_pool: candidate pool per class for positives (default 10 x K+; see module doc).
     negative_pool: candidate pool shared by all classes for negatives (default 10 x K-).
     batch_pool_fraction: share of each pool drawn from the mini-batch when memory is also a source.
@@ -112,7 +116,7 @@ class ContrastSettings:
   num_negatives: int = 2048
   semi_hard_fraction: float = 0.1
   semi_hard_at_least_k: bool = True
-  top_k: str = "exact"
+  top_k: str = "bisect"
   positive_pool: int = 10240
   negative_pool: int = 20480
   batch_pool_fraction: float = 0.2
@@ -138,8 +142,8 @@ class ContrastSettings:
                        f"{self.anchor_sampling!r}")
     if self.mining not in ("random", "hardest", "semi_hard"):
       raise ValueError(f"mining must be 'random', 'hardest' or 'semi_hard', got {self.mining!r}")
-    if self.top_k not in ("exact", "approx"):
-      raise ValueError(f"top_k must be 'exact' or 'approx', got {self.top_k!r}")
+    if self.top_k not in ("bisect", "sort", "approx"):
+      raise ValueError(f"top_k must be 'bisect', 'sort' or 'approx', got {self.top_k!r}")
     if not 0.0 < self.semi_hard_fraction <= 1.0:
       raise ValueError(f"semi_hard_fraction must be in (0, 1], got {self.semi_hard_fraction}")
     if not 0.0 <= self.batch_pool_fraction <= 1.0:
@@ -216,7 +220,8 @@ def eq3_anchor_loss(pos: jax.Array, pos_valid: jax.Array, neg: jax.Array, neg_va
   """Eq. 3 per anchor from selected similarities.
 
   Args:
-    pos: [A, K+] anchor-positive similarities; pos_valid: [A, K+] bool.
+    pos: [A, K+] anchor-positive similarities; pos_valid: [A, K+] bool, the selected ones. (The
+      loss passes whole [A, pool] blocks with the mining's selection masks.)
     neg: [A, K-] anchor-negative similarities; neg_valid: [A, K-] bool.
   Returns:
     loss [A] (0 where invalid), valid [A] (at least one positive and one negative).
@@ -342,21 +347,22 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
     rng_pos, rng_neg = jax.random.split(x["rng"])
 
     def mine(sim, ok, key, num, harder):
-      index, ok = sampling.mine_indices(
+      sel = sampling.mine_mask(
           sim, ok & x["anchor_valid"][:, None], key, num=num, mode=s.mining, harder=harder,
           fraction=s.semi_hard_fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k)
-      # Saved for the backward pass (see _REMAT_POLICY): with the indices known, the backward
-      # needs neither the similarity block nor the top_k, only the (cheap) pool gathers.
-      index, ok = checkpoint_name((index, ok), _SELECTION)
-      return checkpoint_name(jnp.take_along_axis(sim, index, axis=-1), _SELECTION), ok
+      # Saved for the backward pass (see _REMAT_POLICY), so that it recomputes no selection.
+      return checkpoint_name(sel, _SELECTION)
 
-    pos, pos_ok = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low")
-    neg, neg_ok = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high")
-    loss, ok = eq3_anchor_loss(pos, pos_ok, neg, neg_ok, s.temperature)
+    pos_sim = checkpoint_name(pos_sim, _SELECTION)
+    pos_sel = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low")
+    neg_sel = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high")
+    # Eq. 3 over the whole blocks with the selections as masks: the selected similarities are
+    # read in place, so the backward is a masked dense one (no gather, no scatter-add).
+    loss, ok = eq3_anchor_loss(pos_sim, pos_sel, neg_sim, neg_sel, s.temperature)
     ok &= x["anchor_valid"]
     return dict(loss=jnp.sum(jnp.where(ok, loss, 0.0)), valid=jnp.sum(ok),
-                pos=jnp.sum(jnp.where(ok, jnp.sum(pos_ok, -1), 0)),
-                neg=jnp.sum(jnp.where(ok, jnp.sum(neg_ok, -1), 0)))
+                pos=jnp.sum(jnp.where(ok, jnp.sum(pos_sel, -1), 0)),
+                neg=jnp.sum(jnp.where(ok, jnp.sum(neg_sel, -1), 0)))
 
   body = jax.checkpoint(block, policy=_REMAT_POLICY) if s.remat else block
   if s.unroll:

@@ -1,17 +1,20 @@
 """Static-shape sampling for the pixel contrast (paper Sec. 3.2, "Hard Example Sampling").
 
-Everything here has fixed output shapes plus validity masks: a selection is a `lax.top_k` over
-masked random (or hardness) scores, never boolean indexing or Python branching on data, so the
-functions are jit- and shard_map-safe.
+Everything here has fixed output shapes plus validity masks: a selection is a top-k over masked
+random (or hardness) scores -- `lax.top_k` where indices are needed (anchors), a selection mask
+found by bisection where a set is enough (mining) -- never boolean indexing or Python branching
+on data, so the functions are jit- and shard_map-safe.
 
 - `sample_pool`: a uniform candidate pool of fixed size from the valid entries of a set (stratified
   without replacement; exact -- the whole set -- when the pool is at least as large as the set).
 - `sample_anchors`: per-class anchors, random or segmentation-aware hard (half mispredicted pixels).
-- `mine`: per-anchor positive / negative selection from a similarity block: random, hardest
+- `top_k_mask`: the set `lax.top_k` would select, as a mask, by bisection on the k-th value.
+- `mine_mask`: per-anchor positive / negative selection from a similarity block: random, hardest
   (top-K), semi-hard (top `fraction` hardest, then K at random from them).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 TopK = Literal["exact", "approx"]
+Selection = Literal["bisect", "sort", "approx"]
 Mining = Literal["random", "hardest", "semi_hard"]
 AnchorSampling = Literal["random", "seg_aware_hard"]
 
@@ -159,63 +163,137 @@ def _fraction_count(n: jax.Array | int, fraction: float):
   return jnp.clip(m, jnp.minimum(n, 1), n)
 
 
-def mine_indices(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,
-                 harder: Literal["low", "high"], fraction: float = 0.1,
-                 top_k: TopK = "exact",
-                 at_least_num: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Selects per anchor `num` entries of a similarity block (see `mine`); returns indices.
+def _ordered_uint(score: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (negative floats reversed, sign bit flipped)."""
+  bits = lax.bitcast_convert_type(score.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >= jnp.uint32(0x80000000), ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
+  """`top_k_mask` by bisection on the k-th largest value; see there.
+
+  The k-th largest valid score of a row is the largest threshold t with count(score >= t) >= k.
+  It is found by bisection over the 2^32 ordered bit patterns of float32 (at most 32 counting
+  passes, each a compare-and-sum over the row, O(n)); a row stops as soon as some threshold counts
+  exactly k, which with distinct values takes about log2(n / gap) passes. Rows whose k-th value is
+  tied keep the lower-indexed of the tied entries, as `lax.top_k` does.
+  """
+  key = jnp.where(valid, _ordered_uint(score), jnp.uint32(0))  # 0 is below every float
+  n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+  k = jnp.minimum(k, n_valid)
+  # Invariant: count(key >= lo) >= k > count(key >= hi) = cnt_hi. The initial values are
+  # derived from the data so that, inside shard_map, they vary over the same mesh axes as the
+  # loop's outputs (a constant would be device-invariant and the loop carry types would differ).
+  hi = jnp.max(key, axis=-1) + jnp.uint32(1)
+  lo = jnp.minimum(hi, jnp.uint32(1))  # 1: hi >= 1 for any non-NaN score
+  cnt_hi = jnp.minimum(n_valid, 0)
+  exact = k == n_valid  # every valid entry (count(key >= 1) == k)
+  active = (k > 0) & ~exact & (hi - lo > 1)
+
+  def body(carry):
+    lo, hi, cnt_hi, exact, active = carry
+    mid = lo + (hi - lo) // 2
+    count = jnp.sum(key >= mid[..., None], axis=-1, dtype=jnp.int32)
+    up = active & (count >= k)
+    down = active & (count < k)
+    lo, hi = jnp.where(up, mid, lo), jnp.where(down, mid, hi)
+    cnt_hi = jnp.where(down, count, cnt_hi)
+    exact = exact | (active & (count == k))
+    return lo, hi, cnt_hi, exact, active & ~exact & (hi - lo > 1)
+
+  lo, hi, cnt_hi, exact, _ = lax.while_loop(
+      lambda c: jnp.any(c[4]), body, (lo, hi, cnt_hi, exact, active))
+  above = key >= lo[..., None]
+
+  def break_ties(above):
+    # Not exact: the k-th value is tied (hi == lo + 1). Keep all above it and the first
+    # k - cnt_hi of the tied entries in index order.
+    tied = key == lo[..., None]
+    rank = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - 1
+    with_ties = (key >= hi[..., None]) | (tied & (rank < (k - cnt_hi)[..., None]))
+    return jnp.where(exact[..., None], above, with_ties)
+
+  mask = lax.cond(jnp.any(~exact & (k > 0)), break_ties, lambda a: a, above)
+  return mask & (k > 0)[..., None]
+
+
+def _sorted_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array, k_max: int,
+                       approx: bool) -> jax.Array:
+  """`top_k_mask` with `lax.top_k` (or `lax.approx_max_k`) of width k_max and a scatter."""
+  score = jnp.where(valid, score.astype(jnp.float32), _NEG_INF)
+  values, index = (lax.approx_max_k if approx else lax.top_k)(score, k_max)
+  ok = (values > _NEG_INF) & (jnp.arange(k_max) < k[..., None])
+  lead = jnp.indices(index.shape, sparse=True)[:-1]
+  return jnp.zeros(score.shape, bool).at[(*lead, index)].set(ok, unique_indices=True)
+
+
+def top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array | int, *, k_max: int | None = None,
+               impl: Selection = "bisect") -> jax.Array:
+  """Mask of the k largest valid scores along the last axis: the set `lax.top_k` selects.
+
+  Args:
+    score: [..., n] float scores (not differentiated: selection only).
+    valid: [..., n] bool; only valid entries are selected.
+    k: int, or [...] int per row; a row selects min(k, number of valid entries).
+    k_max: static bound on k (needed by 'sort' / 'approx' when k is an array).
+    impl: 'bisect' (threshold by bisection, exact; O(n) per pass, no sort: the fast one on CPU),
+      'sort' (`lax.top_k` + scatter, exact), 'approx' (`lax.approx_max_k`, for TPU; recall ~0.95).
+  Returns:
+    [..., n] bool. Ties at the k-th value keep the lower index, as `lax.top_k`.
+  """
+  score = lax.stop_gradient(score)
+  if impl not in ("bisect", "sort", "approx"):
+    raise ValueError(f"top_k must be 'bisect', 'sort' or 'approx', got {impl!r}")
+  if isinstance(k, int):
+    k_max = k if k_max is None else k_max
+  elif k_max is None:
+    k_max = score.shape[-1]
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), score.shape[:-1])
+  if impl == "bisect":
+    return _bisect_top_k_mask(score, valid, k)
+  return _sorted_top_k_mask(score, valid, k, min(int(k_max), score.shape[-1]), impl == "approx")
+
+
+def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,
+              harder: Literal["low", "high"], fraction: float = 0.1, top_k: Selection = "bisect",
+              at_least_num: bool = False) -> jax.Array:
+  """Selects per anchor `num` entries of a similarity block (paper Sec. 3.2); returns a mask.
+
+  Modes: 'random' -- uniform among the valid entries; 'hardest' -- the `num` hardest;
+  'semi_hard' -- the ceil(fraction * n_valid) hardest, then `num` uniformly among them (with
+  `at_least_num`, the top part holds at least min(num, n_valid) entries, so a pool whose top
+  fraction is smaller than `num` still yields `num` samples). Harder means lower similarity for
+  positives (`harder='low'`), higher for negatives ('high').
+
+  A mask rather than indices: the loss then reads the selected similarities in place (masked
+  reductions over the block), so its gradient is a dense, masked one through the block matmul --
+  no gathers and no scatter-add in the backward pass.
 
   Args:
     sim: [A, Q] similarities (anchors x candidate pool); only compared, never differentiated.
     valid: [A, Q] bool, candidates usable by each anchor.
-    rng: PRNG key.
+    rng: PRNG key (random draws of 'random' and 'semi_hard').
+    top_k: selection implementation, see `top_k_mask`.
   Returns:
-    index [A, K'] int32 into Q (K' <= num, static), valid [A, K'] bool.
+    [A, Q] bool with min(num, n_valid) entries per row (semi-hard: min(num, m)).
   """
   q = sim.shape[-1]
   sim = lax.stop_gradient(sim)
   hardness = -sim if harder == "low" else sim
+  select = functools.partial(top_k_mask, impl=top_k)
   if mode == "random":
-    return masked_top_k(jax.random.uniform(rng, sim.shape), valid, num, top_k=top_k)
+    return select(jax.random.uniform(rng, sim.shape), valid, num)
   if mode == "hardest":
-    return masked_top_k(hardness, valid, num, top_k=top_k)
+    return select(hardness, valid, num)
   if mode == "semi_hard":
-    n_valid = jnp.sum(valid, axis=-1)  # [A]
+    n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [A]
     m = _fraction_count(n_valid, fraction)
     top = _fraction_count(q, fraction)  # static bound on m
     if at_least_num:
       m = jnp.maximum(m, jnp.minimum(num, n_valid))
       top = min(q, max(top, num))
-    top_index, top_ok = masked_top_k(hardness, valid, top, top_k=top_k)
-    top_ok = top_ok & (jnp.arange(top_index.shape[-1])[None, :] < m[:, None])
-    if num >= top_index.shape[-1]:
-      return top_index, top_ok
-    pick, ok = masked_top_k(jax.random.uniform(rng, top_index.shape), top_ok, num, top_k=top_k)
-    return jnp.take_along_axis(top_index, pick, axis=-1), ok
+    top_mask = select(hardness, valid, m, k_max=top)
+    if num >= top:
+      return top_mask  # the whole top part is the sample (pool = K / fraction: the default)
+    return select(jax.random.uniform(rng, sim.shape), top_mask, num)
   raise ValueError(f"mining must be 'random', 'hardest' or 'semi_hard', got {mode!r}")
-
-
-def mine(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,
-         harder: Literal["low", "high"], fraction: float = 0.1, top_k: TopK = "exact",
-         at_least_num: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Selects per anchor `num` entries of a similarity block and returns their similarity values.
-
-  The values are taken with `take_along_axis` from `sim`, so gradients flow back through whatever
-  produced `sim` (the block matmul), never through gathered embeddings.
-
-  Modes (paper Sec. 3.2): 'random' -- uniform among the valid entries; 'hardest' -- the `num`
-  hardest; 'semi_hard' -- the ceil(fraction * n_valid) hardest, then `num` uniformly among them
-  (with `at_least_num`, the top part holds at least min(num, n_valid) entries, so a pool whose
-  top fraction is smaller than `num` still yields `num` samples).
-  Harder means lower similarity for positives (`harder='low'`), higher for negatives ('high').
-
-  Args:
-    sim: [A, Q] similarities (anchors x candidate pool).
-    valid: [A, Q] bool, candidates usable by each anchor.
-    rng: PRNG key.
-  Returns:
-    values [A, K'] float (K' <= num, static), valid [A, K'] bool.
-  """
-  index, ok = mine_indices(sim, valid, rng, num=num, mode=mode, harder=harder,
-                           fraction=fraction, top_k=top_k, at_least_num=at_least_num)
-  return jnp.take_along_axis(sim, index, axis=-1), ok

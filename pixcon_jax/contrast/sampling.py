@@ -176,8 +176,11 @@ def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array) -> jax.
   It is found by bisection over the 2^32 ordered bit patterns of float32 (at most 32 counting
   passes, each a compare-and-sum over the row, O(n)); a row stops as soon as some threshold counts
   exactly k, which with distinct values takes about log2(n / gap) passes. Rows whose k-th value is
-  tied keep the lower-indexed of the tied entries, as `lax.top_k` does.
+  tied keep the lower-indexed of the tied entries, as `lax.top_k` does. The counts are float32
+  sums, exact for rows of fewer than 2^24 entries (longer rows are refused).
   """
+  if score.shape[-1] >= 2 ** 24:
+    raise ValueError(f"top_k_mask: rows of {score.shape[-1]} entries; at most 2^24 - 1 supported")
   key = jnp.where(valid, _ordered_uint(score), jnp.uint32(0))  # 0 is below every float
   n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)
   k = jnp.minimum(k, n_valid)
@@ -193,7 +196,8 @@ def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array) -> jax.
   def body(carry):
     lo, hi, cnt_hi, exact, active = carry
     mid = lo + (hi - lo) // 2
-    count = jnp.sum(key >= mid[..., None], axis=-1, dtype=jnp.int32)
+    # Counted in float32 (exact below 2^24 per row): XLA:CPU reduces it ~25% faster than int32.
+    count = jnp.sum(jnp.where(key >= mid[..., None], 1.0, 0.0), axis=-1).astype(jnp.int32)
     up = active & (count >= k)
     down = active & (count < k)
     lo, hi = jnp.where(up, mid, lo), jnp.where(down, mid, hi)

@@ -13,6 +13,8 @@ Reports, for loss + gradient w.r.t. the embedding:
 - `time_paper_loss_grad_s`: loss + grad at paper settings with a full bank (T = 10 N, N = 2975),
   and `time_selection_s`: the mining's top-k selection alone on its shapes (all anchors x each
   pool, k = K) by `lax.top_k` and by bisection (`sampling.top_k_mask`, the default);
+- `time_projection_head_s`: HRNet-W48's projection head on `bench_train.py`'s embedding grid,
+  forward and forward + backward (the backward is the other part of what contrast adds);
 - timings of loss + grad of both versions at a reduced bank size that the naive one can run on CPU
   (`timing_config`), their ratio, and `naive_match_abs_diff`: |loss - naive loss| with pools
   covering the whole (reduced) bank and deterministic 'hardest' mining (should be ~1e-6).
@@ -193,6 +195,28 @@ def selection_times(settings, *, num_classes: int, repeats: int) -> dict[str, di
   return out
 
 
+def projection_head_times(*, batch: int = 2, h: int = 64, w: int = 128, channels: int = 720,
+                          dim: int = 256, repeats: int = 3) -> dict[str, float]:
+  """Seconds of HRNet-W48's projection head (convmlp 720 -> 720 -> 256, train-mode BN) on the
+  embedding grid of `bench_train.py`'s default crop (2 x 256x512 -> 64x128): forward alone (the
+  CE-only step runs it too) and forward + backward (what contrast adds is the difference)."""
+  from pixcon_jax.models.projection import ProjectionHead  # pylint: disable=g-import-not-at-top
+  head = ProjectionHead(proj_dim=dim)
+  x = jax.random.normal(jax.random.key(0), (batch, h, w, channels))
+  variables = head.init(jax.random.key(1), x[:1, :8, :8], train=False)
+  weight = jax.random.normal(jax.random.key(2), (batch, h, w, dim))
+
+  def loss(params, x):
+    y, _ = head.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                      train=True, mutable=["batch_stats"])
+    return jnp.sum(y * weight)
+
+  forward, _ = _time(jax.jit(loss), (variables["params"], x), repeats)
+  both, _ = _time(jax.jit(jax.grad(loss, argnums=(0, 1))), (variables["params"], x), repeats)
+  return {"grid": [batch, h, w, channels], "forward_s": forward, "forward_backward_s": both,
+          "backward_s": both - forward}
+
+
 def _log(msg):
   print(f"[bench_contrast {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -238,6 +262,8 @@ def main(argv=None):
       _value_and_grad(loss_lib.pixel_contrast_loss, settings), inputs, flags.repeats)
   result["time_selection_s"] = selection_times(settings, num_classes=paper["num_classes"],
                                                repeats=flags.repeats)
+
+  result["time_projection_head_s"] = projection_head_times(repeats=flags.repeats)
 
   _log("timing at reduced bank size")
   # Timing at a reduced bank that the naive form can run on this host.

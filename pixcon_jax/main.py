@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from pixcon_jax import host_memory
 
 FLAGS = flags.FLAGS
 
@@ -25,6 +28,10 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids (optional).")
+flags.DEFINE_bool("hugepages", True,
+                  "Restart with glibc's malloc on transparent huge pages (GLIBC_TUNABLES="
+                  "glibc.malloc.hugetlb=1) unless already set: XLA:CPU's per-step temporaries "
+                  "otherwise page-fault anew every step. See pixcon_jax/host_memory.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,14 +58,18 @@ def maybe_initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.hugepages:
+    # Before any backend starts: the process is replaced by the same command.
+    host_memory.reexec_with_hugepages([sys.executable, "-m", "pixcon_jax.main", *sys.argv[1:]])
   maybe_initialize_distributed()
   # Only process 0 logs at INFO; the others would repeat every line.
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").setLevel(std_logging.INFO)
-  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s); GLIBC_TUNABLES=%s",
+               jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
+               os.environ.get("GLIBC_TUNABLES", ""))
   config = FLAGS.config
   workdir = FLAGS.workdir
   mode = config.get("mode", "train")

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixcon_jax import host_memory
 from pixcon_jax.contrast import loss as loss_lib
 from pixcon_jax.contrast import memory as memory_lib
 from pixcon_jax.contrast import sampling
@@ -226,8 +228,13 @@ def main(argv=None):
   parser.add_argument("--skip_train_step", action="store_true")
   parser.add_argument("--skip_naive_paper", action="store_true")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no_hugepages", action="store_true",
+                      help="keep glibc's default malloc (see pixcon_jax/host_memory.py)")
   flags = parser.parse_args(argv)
-  result = {"backend": jax.default_backend()}
+  if not flags.no_hugepages:
+    host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
+  result = {"backend": jax.default_backend(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   num_images = 2975
   paper = dict(batch=2, h=128, w=256, dim=256, num_classes=19, pixel_queue=10 * num_images,
                num_images=num_images)

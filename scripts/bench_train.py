@@ -40,6 +40,8 @@ flags.DEFINE_list("variants", ["ce", "contrast"], "Which variants to time.")
 flags.DEFINE_string("conv_impl", "auto", "config.model.conv_impl: auto | xla | matmul | winograd.")
 flags.DEFINE_string("official_repo", None, "Checkout of tfzhou/ContrastiveSeg to time as baseline.")
 flags.DEFINE_string("torch_python", None, "Python interpreter with PyTorch for the baseline.")
+flags.DEFINE_bool("hugepages", True, "Restart with glibc's malloc on transparent huge pages, as "
+                  "`python -m pixcon_jax.main` does (pixcon_jax/host_memory.py).")
 flags.DEFINE_bool("full_memory", True, "Time the contrast step with a full memory bank (random "
                   "unit keys), as in training after the bank fills, not the empty initial one.")
 FLAGS = flags.FLAGS
@@ -122,6 +124,9 @@ def bench(config, contrast: bool) -> dict:
 
 def main(argv):
   del argv
+  if FLAGS.hugepages:
+    from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   import jax  # pylint: disable=g-import-not-at-top
   config = __import__(FLAGS.config).get_config(FLAGS.arg)
   config.model.name = FLAGS.model
@@ -130,6 +135,7 @@ def main(argv):
   config.data.batch_size = FLAGS.batch
   config.data.crop_size = tuple(int(v) for v in FLAGS.crop)
   out = {"model": FLAGS.model, "batch": FLAGS.batch, "crop": list(config.data.crop_size),
+         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
          "dtype": FLAGS.dtype, "conv_impl": FLAGS.conv_impl, "devices": jax.device_count(),
          "platform": jax.devices()[0].platform, "cpus": os.cpu_count(),
          "loadavg_1m": os.getloadavg()[0]}

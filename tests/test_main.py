@@ -42,3 +42,37 @@ def test_batch_size_error_names_the_config_key(tmp_path):
   p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
             "--config.data.batch_size=0")
   assert p.returncode != 0 and "config.data.batch_size=0" in p.stderr
+
+
+def test_restarts_itself_with_huge_pages_for_malloc(tmp_path):
+  from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("GLIBC_TUNABLES", None)
+  want = host_memory.hugepage_environment(env, glibc=host_memory._glibc_version(),
+                                          thp_setting=host_memory._thp_setting())
+  p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}", "--config.mode=bogus")
+  assert p.returncode != 0 and "process 0 of 1" in p.stderr
+  expect = want["GLIBC_TUNABLES"] if want else ""  # this machine decides which one
+  assert f"GLIBC_TUNABLES={expect}\n" in p.stderr or f"GLIBC_TUNABLES={expect} " in p.stderr
+  p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}", "--config.mode=bogus",
+            "--nohugepages")
+  assert "GLIBC_TUNABLES=\n" in p.stderr or "GLIBC_TUNABLES= " in p.stderr
+
+
+def test_hugepage_environment_decisions():
+  from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+  thp = "always [madvise] never\n"
+  env = host_memory.hugepage_environment({"PATH": "/bin"}, glibc=(2, 36), thp_setting=thp)
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = host_memory.hugepage_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                         glibc=(2, 36), thp_setting=thp)
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  for environ, glibc, setting in (
+      ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), thp),  # opted out / decided
+      ({}, (2, 31), thp),  # glibc too old for the tunable
+      ({}, None, thp),  # musl and others
+      ({}, (2, 36), "always madvise [never]\n"),  # huge pages off
+      ({}, (2, 36), ""),  # no THP at all
+      ({"JAX_PLATFORMS": "tpu"}, (2, 36), thp),  # host malloc is not the step's memory
+  ):
+    assert host_memory.hugepage_environment(environ, glibc=glibc, thp_setting=setting) is None

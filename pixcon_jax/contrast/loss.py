@@ -64,13 +64,13 @@ from pixcon_jax.contrast.labels import downsample_labels
 from pixcon_jax.contrast.memory import MemoryBank
 
 SOURCES = ("batch", "pixel_memory", "region_memory")
-_SELECTION = "contrast_selection"
+_KEPT = "contrast_kept"
 # Per class block only the selection masks and the positive similarity block survive to the
 # backward pass ([A, pool+] float32 + [A, pool+ + pool-] bool, ~3.5 MB per class at paper
 # settings; the negative block is an input of the loop). Everything else -- the pool gathers, the
 # bisection -- is dropped; the backward of the block matmul needs only its inputs, so no
 # similarity matmul and no selection is recomputed (only the cheap pool gathers are).
-_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_SELECTION)
+_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_KEPT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,9 +351,9 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
           sim, ok & x["anchor_valid"][:, None], key, num=num, mode=s.mining, harder=harder,
           fraction=s.semi_hard_fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k)
       # Saved for the backward pass (see _REMAT_POLICY), so that it recomputes no selection.
-      return checkpoint_name(sel, _SELECTION)
+      return checkpoint_name(sel, _KEPT)
 
-    pos_sim = checkpoint_name(pos_sim, _SELECTION)
+    pos_sim = checkpoint_name(pos_sim, _KEPT)
     pos_sel = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low")
     neg_sel = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high")
     # Eq. 3 over the whole blocks with the selections as masks: the selected similarities are

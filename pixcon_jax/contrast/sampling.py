@@ -31,7 +31,7 @@ _NEG_INF = -jnp.inf
 
 
 def masked_top_k(score: jax.Array, valid: jax.Array, k: int, *,
-                 top_k: TopK = "exact") -> tuple[jax.Array, jax.Array]:
+                 top_k: TopK = "exact", ordered: bool = False) -> tuple[jax.Array, jax.Array]:
   """Indices of the k largest valid scores along the last axis.
 
   Args:
@@ -39,13 +39,15 @@ def masked_top_k(score: jax.Array, valid: jax.Array, k: int, *,
     valid: [..., n] bool, False entries are never reported as valid.
     k: static number to select; the output width is min(k, n).
     top_k: 'exact' (`lax.top_k`) or 'approx' (`lax.approx_max_k`, faster on TPU, recall ~0.95).
+    ordered: the output is in descending score order even when k >= n (else, with k >= n, the
+      indices are simply 0..n-1: no sort).
   Returns:
     index [..., min(k, n)] int32, valid [..., min(k, n)] bool (False when fewer than k valid).
   """
   n = score.shape[-1]
   k = min(int(k), n)
   score = jnp.where(valid, lax.stop_gradient(score).astype(jnp.float32), _NEG_INF)
-  if k == n:
+  if k == n and not ordered:
     # Everything is selected: no need for a sort.
     index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), score.shape)
     return index, valid
@@ -224,9 +226,9 @@ def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array) -> jax.
 def _sorted_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array, k_max: int,
                        approx: bool) -> jax.Array:
   """`top_k_mask` with `lax.top_k` (or `lax.approx_max_k`) of width k_max and a scatter."""
-  score = jnp.where(valid, score.astype(jnp.float32), _NEG_INF)
-  values, index = (lax.approx_max_k if approx else lax.top_k)(score, k_max)
-  ok = (values > _NEG_INF) & (jnp.arange(k_max) < k[..., None])
+  index, ok = masked_top_k(score, valid, k_max, top_k="approx" if approx else "exact",
+                           ordered=True)  # ranks matter: a row keeps its first k
+  ok = ok & (jnp.arange(k_max) < k[..., None])
   lead = jnp.indices(index.shape, sparse=True)[:-1]
   return jnp.zeros(score.shape, bool).at[(*lead, index)].set(ok, unique_indices=True)
 

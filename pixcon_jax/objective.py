@@ -202,7 +202,7 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
         if k in c_metrics:
           metrics[k] = lax.pmean(jnp.asarray(c_metrics[k], jnp.float32), axis_name)
       if use_memory:
-        # Detached keys of this device's images; `memory.enqueue_distributed` samples them
+        # Detached keys of this device's images; `memory.sample_keys_distributed` samples them
         # locally and all-gathers the samples, so every replica applies the same update.
         keys = (lax.stop_gradient(emb), lab, image_id)
     metrics["loss"] = lax.psum(share, axis_name)

@@ -81,8 +81,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   )
 
 
+def _pixels_per_class(config: ml_collections.ConfigDict) -> int:
+  return config.memory.get("pixels_per_class", 10) if "memory" in config else 10
+
+
 def init_memory(config: ml_collections.ConfigDict, *, num_classes: int, num_train_images: int):
-  """The initial MemoryBank for the paper's recipe, or None when no memory is used."""
+  """The initial MemoryBank for the paper's recipe, or None when no memory is used.
+
+  The bank carries an empty `pending` update of the global batch's shape: the step writes the
+  previous step's keys at its start (see `contrast/memory.py`, "Deferred writes").
+  """
   if not objective_lib.uses_memory(config):
     return None
   from pixcon_jax.contrast import memory as memory_lib  # pylint: disable=g-import-not-at-top
@@ -91,10 +99,13 @@ def init_memory(config: ml_collections.ConfigDict, *, num_classes: int, num_trai
   if pixel_queue_size is None:
     # Paper Sec. 4.1: T = 10 N per class.
     pixel_queue_size = 10 * num_train_images
-  return memory_lib.init_memory(
+  bank = memory_lib.init_memory(
       num_classes=num_classes, dim=config.model.proj_dim, pixel_queue_size=pixel_queue_size,
       region_mode=m.region_mode, num_images=num_train_images,
       region_queue_size=m.region_queue_size)
+  return bank.replace(pending=memory_lib.empty_update(
+      batch_size=config.data.batch_size, num_classes=num_classes,
+      pixels_per_class=_pixels_per_class(config), dim=config.model.proj_dim))
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -152,7 +163,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   objective = objective_lib.make_objective(config, num_classes=num_classes, axis_name=axis)
   schedule = make_schedule(config)
   use_memory = objective_lib.uses_memory(config)
-  pixels_per_class = config.memory.get("pixels_per_class", 10) if "memory" in config else 10
+  pixels_per_class = _pixels_per_class(config)
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array]):
     # One key per step, shared by every device (contrast sampling and memory updates must
@@ -162,12 +173,18 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(axis))
 
     n_dev = lax.psum(1, axis)
+    memory = state.memory
+    if use_memory:
+      from pixcon_jax.contrast import memory as memory_lib  # pylint: disable=g-import-not-at-top
+      # The previous step's keys are written first, so that the bank's in-place update precedes
+      # every read of it (written last, XLA copies the bank to keep the old value for the loss).
+      memory = memory_lib.flush(memory)
 
     def loss_fn(params):
       outputs, new_vars = model.apply(
           {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
           mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-      share, (metrics, keys) = objective(outputs, batch, state.memory, contrast_rng, state.step)
+      share, (metrics, keys) = objective(outputs, batch, memory, contrast_rng, state.step)
       # N x share is this device's estimate of the global-batch loss (the per-GPU mean of DDP).
       return n_dev * share, (new_vars["batch_stats"], metrics, keys)
 
@@ -179,14 +196,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     grads = lax.pmean(grads, axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    memory = state.memory
     if use_memory:
-      # After the loss: this step's loss used the bank as it was before the step. Keys are
-      # sampled per device and all-gathered (global order), so every replica stays identical
-      # and equal to a single-device `enqueue` of the global batch.
-      from pixcon_jax.contrast import memory as memory_lib  # pylint: disable=g-import-not-at-top
-      memory = memory_lib.enqueue_distributed(memory, *keys, memory_rng,
-                                              pixels_per_class=pixels_per_class, axis_name=axis)
+      # This step's loss used the bank as it was before the step; its keys wait as the bank's
+      # pending update until the next step flushes them. Keys are sampled per device and
+      # all-gathered (global order), so every replica stays identical and equal to a
+      # single-device `enqueue` of the global batch.
+      memory = memory.replace(pending=memory_lib.sample_keys_distributed(
+          *keys, memory_rng, num_classes=memory.num_classes, pixels_per_class=pixels_per_class,
+          axis_name=axis))
     metrics = dict(metrics, lr=schedule(state.step), grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memory=memory)

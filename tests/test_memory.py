@@ -204,3 +204,33 @@ def test_memory_init_rejects_bad_config():
   with pytest.raises(ValueError, match="region_mode"):
     memory_lib.init_memory(num_classes=C, dim=D, pixel_queue_size=4, region_mode="x",
                            num_images=3)
+
+
+def test_memory_pending_update_is_written_first():
+  """A bank's pending update (the train step's deferred write) lands before anything else.
+
+  flush(bank with pending u) == push(bank, u); push(bank with pending u1, u2) == push(push(bank,
+  u1), u2) in FIFO order; an empty update writes nothing.
+  """
+  memory = memory_lib.init_memory(num_classes=C, dim=D, pixel_queue_size=5, region_mode="indexed",
+                                  num_images=4)
+  u1 = _update([[[1, 2], [3]], [[4], []], [[5, 6, 7], [8]]])
+  u2 = _update([[[9, 10, 11], [12]], [[13], [14]], [[], [15]]])
+  direct = memory_lib.push(memory_lib.push(memory, u1), u2)
+  flushed = jax.jit(memory_lib.flush)(memory.replace(pending=u1))
+  assert flushed.pending is None
+  for got, want in zip(jax.tree.leaves(flushed), jax.tree.leaves(memory_lib.push(memory, u1))):
+    np.testing.assert_array_equal(got, want)
+  deferred = jax.jit(memory_lib.push)(memory.replace(pending=u1), u2)
+  assert deferred.pending is None
+  np.testing.assert_array_equal(_ids(deferred.pixel_keys), _ids(direct.pixel_keys))
+  for got, want in zip(jax.tree.leaves(deferred), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(got, want)
+  # The slots u1 wrote hold u1's ids after u2 (class 1: 4, 13, 14 in slots 0..2).
+  np.testing.assert_array_equal(_ids(deferred.pixel_keys)[1, :3], [4, 13, 14])
+  empty = memory_lib.empty_update(batch_size=2, num_classes=C, pixels_per_class=4, dim=D)
+  assert empty.pixel_keys.shape == u1.pixel_keys.shape
+  after = memory_lib.flush(direct.replace(pending=empty))
+  for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(got, want)
+  assert memory_lib.flush(direct) is direct  # No pending update: unchanged.

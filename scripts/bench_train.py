@@ -1,8 +1,8 @@
 """Benchmarks the train step: CE only vs CE + pixel contrast (paper settings, with memory).
 
 Prints one JSON line: compile seconds, median step seconds after warm-up for both, their
-ratio (the contrast overhead), and peak memory (XLA's buffer assignment of the compiled
-step, plus the process's max RSS).
+ratio (the contrast overhead), XLA's FLOP count of each compiled step and their ratio, and
+peak memory (XLA's buffer assignment of the compiled step, plus the process's max RSS).
 
 With `--official_repo` (a checkout of tfzhou/ContrastiveSeg) and `--torch_python` (an
 interpreter with PyTorch), the official PyTorch step is timed first, on the same machine and
@@ -35,6 +35,8 @@ flags.DEFINE_list("crop", ["256", "512"], "Crop h,w.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.register_validator("steps", lambda n: n >= 1, "--steps must be >= 1 (the median needs a time)")
+flags.register_validator("warmup", lambda n: n >= 0, "--warmup must be >= 0")
 flags.DEFINE_string("arg", None, "get_config arg (e.g. 'runlocal' for a smoke run).")
 flags.DEFINE_list("variants", ["ce", "contrast"], "Which variants to time.")
 flags.DEFINE_string("conv_impl", "auto", "config.model.conv_impl: auto | xla | matmul | winograd.")
@@ -108,9 +110,14 @@ def bench(config, contrast: bool) -> dict:
   if mem is not None:
     peak = int(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
                + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # XLA counts a while loop's body once: the contrast loss's class loop is under-counted, the
+  # networks (projection head included) are not.
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   for _ in range(FLAGS.warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+    state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
   times = []
   for _ in range(FLAGS.steps):
     t = time.perf_counter()
@@ -119,6 +126,7 @@ def bench(config, contrast: bool) -> dict:
     times.append(time.perf_counter() - t)
   return {"compile_s": round(compile_s, 2), "step_s": round(statistics.median(times), 4),
           "step_s_all": [round(t, 4) for t in times], "xla_peak_bytes": peak,
+          "xla_flops": flops,
           "loss": float(metrics["loss"])}
 
 
@@ -154,6 +162,8 @@ def main(argv):
   if "ce" in results and "contrast" in results:
     out["contrast_over_ce"] = round(results["contrast"]["step_s"] / results["ce"]["step_s"], 4)
     out["contrast_overhead_pct"] = round(100 * (out["contrast_over_ce"] - 1), 2)
+    out["contrast_flops_over_ce"] = round(results["contrast"]["xla_flops"] /
+                                          results["ce"]["xla_flops"], 4)
   if official:
     for variant in results:
       out[f"{variant}_speedup_vs_official"] = round(

@@ -51,6 +51,20 @@ def _configer(repo: str, batch: int):
   return configer
 
 
+def _check_contrast_has_anchors(labels, max_views: int, crop) -> None:
+  """Exits with a clear message where the official contrast loss would crash.
+
+  The official `PixelContrastLoss` keeps, per image, the classes with more than `max_views`
+  pixels in the label map at the embedding's 1/4 resolution; with none kept it passes None on
+  and fails with an AttributeError. Uniform random labels reach that on small crops.
+  """
+  per_image = [int(row.bincount().max()) for row in labels[:, ::4, ::4].reshape(len(labels), -1)]
+  if max(per_image) <= max_views:
+    sys.exit(f"--crop {crop[0]} {crop[1]}: too small for the official contrast loss: the most "
+             f"frequent class of the random labels has {max(per_image)} pixels at 1/4 "
+             f"resolution, and it needs more than max_views={max_views}; use at least 128 256")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--official_repo", required=True, help="checkout of tfzhou/ContrastiveSeg")
@@ -75,6 +89,8 @@ def main() -> None:
   h, w = args.crop
   images = torch.randn(args.batch, 3, h, w)
   labels = torch.randint(0, configer.get("data", "num_classes"), (args.batch, h, w))
+  if "contrast" in args.variants.split(","):
+    _check_contrast_has_anchors(labels, configer.get("contrast", "max_views"), args.crop)
   model = HRNet_W48_CONTRAST(configer)
   init = {k: v.clone() for k, v in model.state_dict().items()}
   criterion = ContrastCELoss(configer)

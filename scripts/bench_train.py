@@ -1,7 +1,8 @@
 """Benchmarks the train step: CE only vs CE + pixel contrast (paper settings, with memory).
 
-Prints one JSON line: compile seconds, median step seconds after warm-up for both, their
-ratio (the contrast overhead), XLA's FLOP count of each compiled step and their ratio, and
+Both variants are compiled first, then their steps alternate (CE, contrast, CE, ...) so that
+a shared machine's drift weighs on both alike. Prints one JSON line: compile seconds, median
+step seconds after warm-up for both, their ratio (the contrast overhead), XLA's FLOP count of each compiled step and their ratio, and
 peak memory (XLA's buffer assignment of the compiled step, plus the process's max RSS).
 
 With `--official_repo` (a checkout of tfzhou/ContrastiveSeg) and `--torch_python` (an
@@ -39,6 +40,8 @@ flags.register_validator("steps", lambda n: n >= 1, "--steps must be >= 1 (the m
 flags.register_validator("warmup", lambda n: n >= 0, "--warmup must be >= 0")
 flags.DEFINE_string("arg", None, "get_config arg (e.g. 'runlocal' for a smoke run).")
 flags.DEFINE_list("variants", ["ce", "contrast"], "Which variants to time.")
+flags.register_validator("variants", lambda v: bool(v) and set(v) <= {"ce", "contrast"},
+                         "--variants must be a non-empty list of ce, contrast")
 flags.DEFINE_string("conv_impl", "auto", "config.model.conv_impl: auto | xla | matmul | winograd.")
 flags.DEFINE_string("official_repo", None, "Checkout of tfzhou/ContrastiveSeg to time as baseline.")
 flags.DEFINE_string("torch_python", None, "Python interpreter with PyTorch for the baseline.")
@@ -79,7 +82,8 @@ def _full_memory(memory, replicated):
       region_valid=jax.device_put(jnp.ones_like(memory.region_valid), replicated))
 
 
-def bench(config, contrast: bool) -> dict:
+def prepare(config, contrast: bool):
+  """Compiles one variant's step; returns (compiled, state, batch, report without times)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
@@ -115,19 +119,31 @@ def bench(config, contrast: bool) -> dict:
   # XLA counts a while loop's body once: the contrast loss's class loop is under-counted, the
   # networks (projection head included) are not.
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  for _ in range(FLAGS.warmup):
-    state, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(FLAGS.steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  return {"compile_s": round(compile_s, 2), "step_s": round(statistics.median(times), 4),
-          "step_s_all": [round(t, 4) for t in times], "xla_peak_bytes": peak,
-          "xla_flops": flops,
-          "loss": float(metrics["loss"])}
+  report = {"compile_s": round(compile_s, 2), "xla_peak_bytes": peak, "xla_flops": flops}
+  return compiled, state, batch, report
+
+
+def time_interleaved(runs: dict) -> dict:
+  """Times the compiled variants' steps in turn (a, b, a, b, ...) so that the machine's drift
+  (shared CPUs: +-30% over minutes here) weighs on all variants alike.
+
+  Args: runs: variant -> (compiled, state, batch, report). Returns variant -> report with
+  `step_s` (median), `step_s_all` and the last `loss`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  states = {v: r[1] for v, r in runs.items()}
+  times = {v: [] for v in runs}
+  metrics = {}
+  for i in range(FLAGS.warmup + FLAGS.steps):
+    for v, (compiled, _, batch, _) in runs.items():
+      t = time.perf_counter()
+      states[v], metrics[v] = compiled(states[v], batch)
+      jax.block_until_ready(states[v])
+      if i >= FLAGS.warmup:
+        times[v].append(time.perf_counter() - t)
+  return {v: {**runs[v][3], "step_s": round(statistics.median(times[v]), 4),
+              "step_s_all": [round(t, 4) for t in times[v]],
+              "loss": float(metrics[v]["loss"])} for v in runs}
 
 
 def main(argv):
@@ -155,10 +171,9 @@ def main(argv):
     # First, so that both run on the same (otherwise idle) machine one after the other.
     official = bench_official(*config.data.crop_size)
     out["official"] = official
-  results = {}
-  for variant in FLAGS.variants:
-    results[variant] = bench(config, contrast=variant == "contrast")
-    out[variant] = results[variant]
+  runs = {v: prepare(config, contrast=v == "contrast") for v in FLAGS.variants}
+  results = time_interleaved(runs)
+  out.update(results)
   if "ce" in results and "contrast" in results:
     out["contrast_over_ce"] = round(results["contrast"]["step_s"] / results["ce"]["step_s"], 4)
     out["contrast_overhead_pct"] = round(100 * (out["contrast_over_ce"] - 1), 2)

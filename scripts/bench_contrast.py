@@ -40,6 +40,7 @@ from pixcon_jax import host_memory
 from pixcon_jax.contrast import loss as loss_lib
 from pixcon_jax.contrast import memory as memory_lib
 from pixcon_jax.contrast import sampling
+import xla_cost  # scripts/xla_cost.py
 
 
 def naive_contrast_loss(embedding, label, predict, image_id, memory, rng, *, settings):
@@ -114,9 +115,7 @@ def _value_and_grad(fn, settings):
 def _analyse(fn, settings, args):
   compiled = _value_and_grad(fn, settings).lower(*args).compile()
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return int(mem.temp_size_in_bytes), float(cost.get("flops", float("nan")))
+  return int(mem.temp_size_in_bytes), xla_cost.flops(compiled)
 
 
 def train_step_flops(batch: int = 2, height: int = 512, width: int = 1024) -> float:
@@ -141,9 +140,7 @@ def train_step_flops(batch: int = 2, height: int = 512, width: int = 1024) -> fl
 
   compiled = jax.jit(jax.value_and_grad(ce)).lower(
       variables["params"], variables["batch_stats"], image, label).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  return xla_cost.flops(compiled)
 
 
 def _random_inputs(rng, *, batch, h, w, dim, num_classes, pixel_queue, num_images):

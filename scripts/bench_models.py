@@ -24,18 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from pixcon_jax import models
+import xla_cost
 
 _MODELS = flags.DEFINE_list("models", None, "models to measure (default: every registered one)")
 _SIZE = flags.DEFINE_list("size", ["1024", "2048"], "input height,width")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 19, "classes")
 _NO_COMPILE = flags.DEFINE_bool("no_compile", False, "cost analysis of the lowered HLO only")
-
-
-def _cost(analysis: Any) -> dict[str, float]:
-  # Older JAX returns a list with one dict per device program.
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return dict(analysis or {})
 
 
 def measure(name: str, size: tuple[int, int], num_classes: int, compile_: bool) -> dict[str, Any]:
@@ -47,7 +41,7 @@ def measure(name: str, size: tuple[int, int], num_classes: int, compile_: bool) 
   count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
   start = time.time()
   lowered = jax.jit(functools.partial(model.apply, train=False)).lower(shapes, image)
-  cost = _cost(lowered.compile().cost_analysis() if compile_ else lowered.cost_analysis())
+  cost = xla_cost.cost((lowered.compile() if compile_ else lowered).cost_analysis())
   prefix = models.backbone_param_prefix(name)
   return {"model": name, "params": count(params), "backbone_params": count(params.get(prefix, {})),
           "flops": cost.get("flops"), "gflops": round(cost.get("flops", 0.0) / 1e9, 1),

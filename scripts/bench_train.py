@@ -2,8 +2,9 @@
 
 Both variants are compiled first, then their steps alternate (CE, contrast, CE, ...) so that
 a shared machine's drift weighs on both alike. Prints one JSON line: compile seconds, median
-step seconds after warm-up for both, their ratio (the contrast overhead), XLA's FLOP count of each compiled step and their ratio, and
-peak memory (XLA's buffer assignment of the compiled step, plus the process's max RSS).
+step seconds after warm-up for both, their ratio (the contrast overhead), XLA's FLOP count of
+each compiled step and their ratio, and peak memory (XLA's buffer assignment of the compiled
+step, plus the process's max RSS).
 
 With `--official_repo` (a checkout of tfzhou/ContrastiveSeg) and `--torch_python` (an
 interpreter with PyTorch), the official PyTorch step is timed first, on the same machine and
@@ -25,6 +26,7 @@ import time
 
 from absl import app
 from absl import flags
+import xla_cost  # scripts/xla_cost.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -114,12 +116,10 @@ def prepare(config, contrast: bool):
   if mem is not None:
     peak = int(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
                + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # XLA counts a while loop's body once: the contrast loss's class loop is under-counted, the
   # networks (projection head included) are not.
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  report = {"compile_s": round(compile_s, 2), "xla_peak_bytes": peak, "xla_flops": flops}
+  report = {"compile_s": round(compile_s, 2), "xla_peak_bytes": peak,
+            "xla_flops": xla_cost.flops(compiled)}
   return compiled, state, batch, report
 
 

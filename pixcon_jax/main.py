@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from pixcon_jax import host_memory
+from pixcon_jax import xla_cpu
 
 FLAGS = flags.FLAGS
 
@@ -32,6 +33,10 @@ flags.DEFINE_bool("hugepages", True,
                   "Restart with glibc's malloc on transparent huge pages (GLIBC_TUNABLES="
                   "glibc.malloc.hugetlb=1) unless already set: XLA:CPU's per-step temporaries "
                   "otherwise page-fault anew every step. See pixcon_jax/host_memory.py.")
+flags.DEFINE_bool("eigen_dots", True,
+                  "Run XLA:CPU's matrix products on Eigen instead of YNNPACK (faster for this "
+                  "project's shapes) unless XLA_FLAGS sets the YNNPACK fusion types. See "
+                  "pixcon_jax/xla_cpu.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,6 +63,8 @@ def maybe_initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.eigen_dots:
+    xla_cpu.use_eigen_dots()  # In os.environ, so that the huge-page restart keeps it.
   if FLAGS.hugepages:
     # Before any backend starts: the process is replaced by the same command.
     host_memory.reexec_with_hugepages([sys.executable, "-m", "pixcon_jax.main", *sys.argv[1:]])
@@ -66,10 +73,10 @@ def main(argv):
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").setLevel(std_logging.INFO)
-  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s); GLIBC_TUNABLES=%s",
-               jax.__version__, jax.process_index(), jax.process_count(),
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s); GLIBC_TUNABLES=%s; "
+               "XLA_FLAGS=%s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
-               os.environ.get("GLIBC_TUNABLES", ""))
+               os.environ.get("GLIBC_TUNABLES", ""), os.environ.get("XLA_FLAGS", ""))
   config = FLAGS.config
   workdir = FLAGS.workdir
   mode = config.get("mode", "train")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixcon_jax import host_memory
+from pixcon_jax import xla_cpu
 from pixcon_jax.contrast import loss as loss_lib
 from pixcon_jax.contrast import memory as memory_lib
 from pixcon_jax.contrast import sampling
@@ -227,11 +228,16 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_hugepages", action="store_true",
                       help="keep glibc's default malloc (see pixcon_jax/host_memory.py)")
+  parser.add_argument("--no_eigen_dots", action="store_true",
+                      help="keep XLA:CPU's YNNPACK dots (see pixcon_jax/xla_cpu.py)")
   flags = parser.parse_args(argv)
+  if not flags.no_eigen_dots:
+    xla_cpu.use_eigen_dots()
   if not flags.no_hugepages:
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   result = {"backend": jax.default_backend(),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
   num_images = 2975
   paper = dict(batch=2, h=128, w=256, dim=256, num_classes=19, pixel_queue=10 * num_images,
                num_images=num_images)

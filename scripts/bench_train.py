@@ -49,6 +49,8 @@ flags.DEFINE_string("official_repo", None, "Checkout of tfzhou/ContrastiveSeg to
 flags.DEFINE_string("torch_python", None, "Python interpreter with PyTorch for the baseline.")
 flags.DEFINE_bool("hugepages", True, "Restart with glibc's malloc on transparent huge pages, as "
                   "`python -m pixcon_jax.main` does (pixcon_jax/host_memory.py).")
+flags.DEFINE_bool("eigen_dots", True, "Run XLA:CPU's dots on Eigen instead of YNNPACK, as "
+                  "`python -m pixcon_jax.main` does (pixcon_jax/xla_cpu.py).")
 flags.DEFINE_bool("full_memory", True, "Time the contrast step with a full memory bank (random "
                   "unit keys), as in training after the bank fills, not the empty initial one.")
 FLAGS = flags.FLAGS
@@ -148,6 +150,9 @@ def time_interleaved(runs: dict) -> dict:
 
 def main(argv):
   del argv
+  if FLAGS.eigen_dots:
+    from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    xla_cpu.use_eigen_dots()
   if FLAGS.hugepages:
     from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
@@ -160,6 +165,7 @@ def main(argv):
   config.data.crop_size = tuple(int(v) for v in FLAGS.crop)
   out = {"model": FLAGS.model, "batch": FLAGS.batch, "crop": list(config.data.crop_size),
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+         "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "dtype": FLAGS.dtype, "conv_impl": FLAGS.conv_impl, "devices": jax.device_count(),
          "platform": jax.devices()[0].platform, "cpus": os.cpu_count(),
          "loadavg_1m": os.getloadavg()[0]}

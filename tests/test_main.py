@@ -4,8 +4,12 @@
 """
 import os
 import pathlib
+import re
 import subprocess
 import sys
+
+import jax
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,8 +48,16 @@ def test_batch_size_error_names_the_config_key(tmp_path):
   assert p.returncode != 0 and "config.data.batch_size=0" in p.stderr
 
 
-def test_restarts_itself_with_huge_pages_for_malloc(tmp_path):
+def _logged_environment(stderr: str) -> tuple[str, str]:
+  """(GLIBC_TUNABLES, XLA_FLAGS) as main logs them on its JAX line."""
+  m = re.search(r"GLIBC_TUNABLES=(.*?); XLA_FLAGS=(.*)$", stderr, re.M)
+  assert m, stderr[-2000:]
+  return m.group(1), m.group(2).strip()
+
+
+def test_restarts_itself_with_huge_pages_for_malloc_and_eigen_dots(tmp_path):
   from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("GLIBC_TUNABLES", None)
   want = host_memory.hugepage_environment(env, glibc=host_memory._glibc_version(),
@@ -53,10 +65,33 @@ def test_restarts_itself_with_huge_pages_for_malloc(tmp_path):
   p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}", "--config.mode=bogus")
   assert p.returncode != 0 and "process 0 of 1" in p.stderr
   expect = want["GLIBC_TUNABLES"] if want else ""  # this machine decides which one
-  assert f"GLIBC_TUNABLES={expect}\n" in p.stderr or f"GLIBC_TUNABLES={expect} " in p.stderr
+  tunables, xla_flags = _logged_environment(p.stderr)
+  assert tunables == expect
+  # The dots flag survives the huge-page restart (set in os.environ before it).
+  assert xla_flags.split().count(xla_cpu.EIGEN_DOTS) == 1, xla_flags
   p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}", "--config.mode=bogus",
-            "--nohugepages")
-  assert "GLIBC_TUNABLES=\n" in p.stderr or "GLIBC_TUNABLES= " in p.stderr
+            "--nohugepages", "--noeigen_dots")
+  tunables, xla_flags = _logged_environment(p.stderr)
+  assert tunables == "" and xla_cpu.YNN_FUSION_FLAG not in xla_flags
+
+
+def test_eigen_dot_flag_decisions(monkeypatch):
+  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  assert xla_cpu.eigen_dot_flags({}) == xla_cpu.EIGEN_DOTS
+  assert xla_cpu.eigen_dot_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                                  "JAX_PLATFORMS": "cpu"}) == (
+                                      "--xla_force_host_platform_device_count=8 "
+                                      + xla_cpu.EIGEN_DOTS)
+  for environ in ({"XLA_FLAGS": f"{xla_cpu.YNN_FUSION_FLAG}="},  # the user's own choice
+                  {"XLA_FLAGS": xla_cpu.EIGEN_DOTS},  # decided already
+                  {"JAX_PLATFORMS": "tpu"}):  # no CPU compiles
+    assert xla_cpu.eigen_dot_flags(environ) is None, environ
+  # Too late once a backend runs: XLA has read XLA_FLAGS.
+  jax.devices()
+  with pytest.raises(RuntimeError, match="before the first JAX computation"):
+    xla_cpu.use_eigen_dots({})
+  environ = {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
+  assert not xla_cpu.use_eigen_dots(environ) and environ == {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
 
 
 def test_hugepage_environment_decisions():

@@ -17,6 +17,8 @@ import platform
 import sys
 from typing import Mapping, Sequence
 
+from pixcon_jax import xla_cpu
+
 TUNABLE = "glibc.malloc.hugetlb"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)
@@ -58,8 +60,7 @@ def hugepage_environment(environ: Mapping[str, str], *, glibc: tuple[int, ...] |
     return None
   if not thp_setting or "[never]" in thp_setting:
     return None
-  platforms = environ.get("JAX_PLATFORMS", "")
-  if platforms and "cpu" not in platforms.split(","):
+  if not xla_cpu.compiles_for_cpu(environ):
     return None
   tunables = environ.get("GLIBC_TUNABLES", "")
   if TUNABLE in tunables:

@@ -20,6 +20,12 @@ YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_DOTS = f"{YNN_FUSION_FLAG}=-individual_dot"
 
 
+def compiles_for_cpu(environ: Mapping[str, str]) -> bool:
+  """Whether JAX may run on the CPU: JAX_PLATFORMS unset, or a list that names "cpu"."""
+  platforms = environ.get("JAX_PLATFORMS", "")
+  return not platforms or "cpu" in platforms.split(",")
+
+
 def eigen_dot_flags(environ: Mapping[str, str]) -> str | None:
   """The XLA_FLAGS value with dots on Eigen, or None to leave the environment as it is.
 
@@ -29,8 +35,7 @@ def eigen_dot_flags(environ: Mapping[str, str]) -> str | None:
     XLA_FLAGS plus `EIGEN_DOTS`, or None when XLA_FLAGS already sets the YNNPACK fusion
     types (the user's choice, or an earlier call) or JAX_PLATFORMS leaves out the CPU.
   """
-  platforms = environ.get("JAX_PLATFORMS", "")
-  if platforms and "cpu" not in platforms.split(","):
+  if not compiles_for_cpu(environ):
     return None
   flags = environ.get("XLA_FLAGS", "")
   if YNN_FUSION_FLAG in flags:

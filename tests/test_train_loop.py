@@ -70,10 +70,16 @@ def _run(workdir, cache_dir, log_name, *, signal_at=None, sig=None, timeout=900)
 
 
 def _final_params(workdir, step):
+  """The saved TrainState at `step`, every leaf as a host numpy array."""
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
-  tree = ocp.PyTreeCheckpointer().restore(str(path))
-  return tree
+  path = str(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  # Asking for numpy leaves: restoring as jax arrays without a target makes orbax guess the
+  # shardings from the file (and warn), which this comparison does not need.
+  tree = checkpointer.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def _events(workdir):

@@ -138,6 +138,19 @@ class StopRequest:
 # ------------------------------------------------------------------------------------------
 # Initialisation from converted weights (config.init_from).
 
+def restore_as_numpy(path: str) -> Any:
+  """Reads an orbax PyTree checkpoint directory with every leaf as a host numpy array.
+
+  Without a target orbax restores jax arrays onto the shardings recorded at save time (and
+  warns that this is unsafe on another topology: a checkpoint converted on one CPU, read on a
+  TPU pod); numpy leaves need no devices at all.
+  """
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def load_pretrained(path: str) -> dict[str, Any]:
   """Reads an orbax checkpoint of {params, batch_stats} (scripts/convert_checkpoint.py) as numpy."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -147,7 +160,7 @@ def load_pretrained(path: str) -> dict[str, Any]:
     if not os.path.isdir(p):
       continue
     try:
-      tree = ocp.PyTreeCheckpointer().restore(p)
+      tree = restore_as_numpy(p)
     except Exception as e:  # pylint: disable=broad-except
       last_error = e
       continue

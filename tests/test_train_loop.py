@@ -71,15 +71,9 @@ def _run(workdir, cache_dir, log_name, *, signal_at=None, sig=None, timeout=900)
 
 def _final_params(workdir, step):
   """The saved TrainState at `step`, every leaf as a host numpy array."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = str(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  # Asking for numpy leaves: restoring as jax arrays without a target makes orbax guess the
-  # shardings from the file (and warn), which this comparison does not need.
-  tree = checkpointer.metadata(path).item_metadata.tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  return checkpointing.restore_as_numpy(
+      str(pathlib.Path(workdir) / "checkpoints" / str(step) / "state"))
 
 
 def _events(workdir):
@@ -214,3 +208,25 @@ def test_init_from_merges_backbone_only_or_full_model():
   merged, report = checkpointing.merge_pretrained(variables, full, scope="full")
   assert merged["params"]["cls_head"]["kernel"].shape == (2, 5)
   assert len(report["shape_mismatch"]) == 1 and report["loaded"] == ["params/backbone/conv/kernel"]
+
+
+def test_load_pretrained_reads_numpy_without_guessing_shardings(tmp_path):
+  """Converted weights load as host numpy, so no device layout of the saving machine is assumed
+  (orbax warns, and may fail on another topology, when it restores jax arrays without a target)."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  saved = {"params": {"conv": {"kernel": jnp.arange(6.0).reshape(2, 3)}},
+           "batch_stats": {"bn": {"mean": jnp.ones(3, jnp.float32)}}}
+  ocp.PyTreeCheckpointer().save(str(tmp_path / "w"), saved)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Any orbax UserWarning fails the test.
+    loaded = checkpointing.load_pretrained(str(tmp_path / "w"))
+  leaves = jax.tree.leaves(loaded)
+  assert leaves and all(type(x) is np.ndarray for x in leaves), [type(x) for x in leaves]
+  np.testing.assert_array_equal(loaded["params"]["conv"]["kernel"], np.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(loaded["batch_stats"]["bn"]["mean"], np.ones(3))
+  with pytest.raises(FileNotFoundError, match="init_from=.*no orbax checkpoint"):
+    checkpointing.load_pretrained(str(tmp_path / "missing"))

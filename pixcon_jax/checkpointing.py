@@ -165,7 +165,7 @@ def load_pretrained(path: str) -> dict[str, Any]:
       last_error = e
       continue
     if isinstance(tree, Mapping) and "params" in tree:
-      return jax.tree.map(np.asarray, dict(tree))
+      return dict(tree)  # Already host numpy (restore_as_numpy).
   raise FileNotFoundError(f"config.init_from={path!r}: no orbax checkpoint with 'params' found "
                           f"(tried {candidates}; last error: {last_error})")
 

@@ -130,6 +130,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 50  # Train metrics to the writers.
   c.log.profile = False  # Write a profile of a few steps.
+  c.log.embedding_health = True  # Class structure of the embedding (contrast/health.py) in train metrics.
   return c
 
 

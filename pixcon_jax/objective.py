@@ -33,6 +33,7 @@ import ml_collections
 from jax import lax
 
 from pixcon_jax import losses
+from pixcon_jax.contrast import health as contrast_health
 from pixcon_jax.contrast import labels as contrast_labels
 
 IGNORE_LABEL = 255
@@ -126,6 +127,7 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
   global_batch = bool(config.contrast.get("global_batch", True))
   weight = float(config.contrast.get("weight", 1.0))
   warmup_steps = int(config.contrast.get("warmup_steps", 0))
+  log_health = bool(config.get("log", {}).get("embedding_health", True))
 
   if use_contrast:
     if recipe == "paper":
@@ -175,6 +177,13 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
       share = share + aux_weight * aux_share
       metrics["aux_ce_loss"] = aux_value
     keys = None
+    if log_health and "embedding" in outputs:
+      # Detached statistics of the embedding's class structure (a collapse shows here first).
+      grid = outputs["embedding"].shape[1:3]
+      health = contrast_health.embedding_health(
+          outputs["embedding"], contrast_labels.downsample_labels(label, grid),
+          num_classes=num_classes, axis_name=axis_name)
+      metrics.update({f"embedding/{k}": v for k, v in health.items()})
     if use_contrast:
       if "embedding" not in outputs:
         raise ValueError(f"config.contrast.enabled=True but model {config.model.name!r} has no "

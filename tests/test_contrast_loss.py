@@ -203,3 +203,28 @@ def test_settings_reject_bad_values():
   s = loss_lib.ContrastSettings.from_config(
       {"temperature": 0.2, "sources": ["batch"], "enabled": True, "weight": 1.0})
   assert s.temperature == 0.2 and s.sources == ("batch",)
+
+
+def test_pooled_hardest_estimates_the_exact_hardest_of_the_whole_set():
+  # Every labelled pixel is an anchor, so only the candidate pools differ between draws. Pools of
+  # about a third of the sources: 'hardest' estimates the whole set's K hardest from them (pool
+  # entries weighted by source / pool size). Its mean over pool draws must be within 8% of the
+  # exact loss (measured: -5.6%; the pool's top is slightly less extreme than the set's), while
+  # semi-hard on the same pools (the pool's own hardest) is off by about 20%.
+  emb, label, predict, image_id, memory = _case(seed=7, h=12, w=12)
+  memory = memory.replace(pixel_valid=jnp.ones_like(memory.pixel_valid))
+  exact = dataclasses.replace(EXACT, anchors_per_class=1000, num_positives=8, num_negatives=16)
+  args = (jnp.asarray(emb), jnp.asarray(label), jnp.asarray(predict), jnp.asarray(image_id),
+          memory)
+  want = float(jax.jit(functools.partial(loss_lib.pixel_contrast_loss, settings=exact))(
+      *args, jax.random.key(0))[0])
+  keys = jax.random.split(jax.random.key(1), 256)
+
+  def pooled_mean(mining):
+    s = dataclasses.replace(exact, positive_pool=40, negative_pool=80, mining=mining)
+    f = jax.jit(jax.vmap(lambda k: loss_lib.pixel_contrast_loss(*args, k, settings=s)[0]))
+    return float(np.mean(np.asarray(f(keys))))
+
+  hardest, semi_hard = pooled_mean("hardest"), pooled_mean("semi_hard")
+  assert abs(hardest - want) / want < 0.08, (hardest, want)
+  assert abs(semi_hard - want) > 2 * abs(hardest - want), (semi_hard, hardest, want)

@@ -180,3 +180,33 @@ def test_mine_semi_hard_with_pool_of_ten_k_is_the_hardest_k():
     hardest = sampling.mine_mask(sim, valid, jax.random.key(1), num=20, mode="hardest",
                                  harder=harder)
     np.testing.assert_array_equal(np.asarray(semi), np.asarray(hardest))
+
+
+def test_weighted_top_mask_estimates_the_population_top_k():
+  # A pool of 200 drawn from a population of 2000 (weight 10 each): the population's top 50 are
+  # estimated by the pool's top 5, and the selected weights add up to exactly 50.
+  score = jax.random.normal(jax.random.key(0), (3, 200))
+  valid = jnp.ones((3, 200), bool).at[2, 100:].set(False)
+  mask, w = sampling.weighted_top_mask(score, valid, jnp.float32(10.0), 50)
+  np.testing.assert_array_equal(np.asarray(mask.sum(-1)), [5, 5, 5])
+  np.testing.assert_allclose(np.asarray(w.sum(-1)), [50, 50, 50], rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mask), np.asarray(sampling.top_k_mask(score, valid, 5)))
+  # Unit weights: exactly the top-k set; a total weight below k selects every valid entry.
+  mask1, w1 = sampling.weighted_top_mask(score, valid, jnp.float32(1.0), 50)
+  np.testing.assert_array_equal(np.asarray(mask1), np.asarray(sampling.top_k_mask(score, valid, 50)))
+  mask2, w2 = sampling.weighted_top_mask(score, valid, jnp.float32(0.2), 50)
+  np.testing.assert_array_equal(np.asarray(mask2), np.asarray(valid))
+  np.testing.assert_allclose(np.asarray(w2.sum(-1)), [40, 40, 20], rtol=1e-5)
+
+
+def test_hardest_and_semi_hard_differ_at_the_default_pool_ratio():
+  # Default pools hold 10 x K candidates drawn from a far larger memory. Semi-hard takes the
+  # pool's top 10% (= its K hardest); hardest estimates the memory's K hardest, which are the
+  # pool's top K x pool / memory entries: a strictly smaller, harder set.
+  sim = jax.random.normal(jax.random.key(2), (4, 640))
+  valid = jnp.ones_like(sim, bool)
+  semi = sampling.mine_mask(sim, valid, jax.random.key(3), num=64, mode="semi_hard",
+                            harder="high", fraction=0.1)
+  hard, _ = sampling.weighted_top_mask(sim, valid, jnp.float32(60000 / 640), 64)
+  assert int(semi.sum()) == 4 * 64 and 0 < int(hard.sum()) < int(semi.sum()) // 8
+  assert bool(jnp.all(~hard | semi))  # the hardest few are among semi-hard's, not the same set

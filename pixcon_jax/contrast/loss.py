@@ -30,8 +30,14 @@ of a pool has a top 10% smaller than K (shared negative pool, early small bank),
 widened to K (`semi_hard_at_least_k`), i.e. a slightly deeper quantile, so K samples are still used.
 With every pool at least as large as its source the pools are the whole sources and the loss is
 exact (the tests compare with a direct numpy Eq. 3).
-'hardest' on a pool smaller than the bank is the hardest *of the pool*, i.e. not the paper's
-hardest-of-M: set the pools to the bank size (at ~1e12 FLOPs) for the exact ablation.
+'hardest' (Table 3) means the K hardest of the whole contrast set, not of the pool (at pool = K /
+fraction the pool's hardest K are exactly what semi-hard takes). Each pool entry stands for
+n_source / n_pool entries of its source (the mini-batch pixels of the class, or the memory), so the
+set's hardest K are estimated by the pool entries above the threshold whose *weight* reaches K
+(`sampling.weighted_top_mask`; about pool x K / n_source entries), and Eq. 3 weights them: a
+negative enters the log-sum-exp with its weight (the selected weights add up to K), a positive's
+term is averaged with its weight. With pools at least as large as their sources every weight is 1
+and this is the exact top-K.
 
 Memory: anchors are processed one class block at a time (`lax.map` under `jax.checkpoint`); a block
 computes its similarities to its class's positive pool [A_c, pool+] by matmul and selects the
@@ -175,6 +181,20 @@ class ContrastSettings:
     return batch, total - batch
 
 
+def _pool_weight(source_valid: jax.Array, pool_valid: jax.Array) -> jax.Array:
+  """How many source entries one pool entry stands for: n_source / n_pool (1 for a whole set).
+
+  Args:
+    source_valid: [..., n] bool, the set the pool was drawn from.
+    pool_valid: [..., q] bool, the pool's valid entries.
+  Returns:
+    [..., 1] float32.
+  """
+  n = jnp.sum(source_valid, axis=-1, keepdims=True).astype(jnp.float32)
+  q = jnp.sum(pool_valid, axis=-1, keepdims=True).astype(jnp.float32)
+  return n / jnp.maximum(q, 1.0)
+
+
 def _align(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   return x if x.shape[1:] == size else downsample_labels(x, size)
 
@@ -216,21 +236,33 @@ def _safe_logsumexp(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 def eq3_anchor_loss(pos: jax.Array, pos_valid: jax.Array, neg: jax.Array, neg_valid: jax.Array,
-                    temperature: float) -> tuple[jax.Array, jax.Array]:
+                    temperature: float, pos_weight: jax.Array | None = None,
+                    neg_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Eq. 3 per anchor from selected similarities.
 
   Args:
     pos: [A, K+] anchor-positive similarities; pos_valid: [A, K+] bool, the selected ones. (The
       loss passes whole [A, pool] blocks with the mining's selection masks.)
     neg: [A, K-] anchor-negative similarities; neg_valid: [A, K-] bool.
+    pos_weight, neg_weight: optional [A, K] (or broadcastable) positive weights: how many members
+      of the contrast set each selected entry stands for (None = 1 each). A negative's exp enters
+      the sum with its weight; the positives' mean is weighted.
   Returns:
     loss [A] (0 where invalid), valid [A] (at least one positive and one negative).
   """
-  lse_neg, has_neg = _safe_logsumexp(neg / temperature, neg_valid)
+  neg_logits = neg / temperature
+  if neg_weight is not None:
+    neg_logits = neg_logits + jnp.log(jnp.where(neg_valid, neg_weight, 1.0))
+  lse_neg, has_neg = _safe_logsumexp(neg_logits, neg_valid)
   # -log(e^{s+} / (e^{s+} + sum e^{s-})) = softplus(LSE(s-) - s+), stable for any magnitude.
   per_pos = jax.nn.softplus(lse_neg[:, None] - pos / temperature)
+  w = pos_valid.astype(per_pos.dtype)
+  if pos_weight is not None:
+    w = jnp.where(pos_valid, pos_weight, 0.0).astype(per_pos.dtype)
   num_pos = jnp.sum(pos_valid, axis=-1)
-  per_anchor = jnp.sum(jnp.where(pos_valid, per_pos, 0.0), axis=-1) / jnp.maximum(num_pos, 1)
+  total = jnp.sum(w, axis=-1)
+  per_anchor = jnp.sum(jnp.where(pos_valid, w * per_pos, 0.0), axis=-1) / jnp.where(
+      num_pos > 0, total, 1.0)
   valid = has_neg & (num_pos > 0)
   return jnp.where(valid, per_anchor, 0.0), valid
 
@@ -287,10 +319,12 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
     # Positives from the batch: pixels of class c (gathered once; gradients flow into them).
     is_class = pixel_ok[None, :] & (label[None, :] == classes[:, None])  # [C, P]
     idx, ok = sampling.sample_pool(is_class, batch_pos, rng_bp)
-    xs.update(bp=emb[idx], bp_index=idx, bp_valid=ok, bp_image=image[idx])
+    xs.update(bp=emb[idx], bp_index=idx, bp_valid=ok, bp_image=image[idx],
+              bp_weight=_pool_weight(is_class, ok))
   if batch_neg:
     idx, ok = sampling.sample_pool(pixel_ok, batch_neg, rng_bn)
-    consts.update(bn=emb[idx], bn_valid=ok, bn_label=label[idx], bn_image=image[idx])
+    consts.update(bn=emb[idx], bn_valid=ok, bn_label=label[idx], bn_image=image[idx],
+                  bn_weight=_pool_weight(pixel_ok, ok))
   if s.uses_memory:
     use_pixel, use_region, t, r = _memory_union(memory, s.sources)
     parts = ([memory.pixel_valid] if use_pixel else []) + (
@@ -300,13 +334,20 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
     # Positives from memory: per class, uniform over the valid [pixel | region] entries of c.
     if mem_pos:
       idx, ok = sampling.sample_pool(row_valid, mem_pos, rng_mp)
-      xs.update(mp_slot=idx, mp_valid=ok)
+      xs.update(mp_slot=idx, mp_valid=ok, mp_weight=_pool_weight(row_valid, ok))
     if mem_neg:
       # Negatives from memory: one pool over all classes' valid entries.
       idx, ok = sampling.sample_pool(row_valid.reshape(-1), mem_neg, rng_mn)
       cls, slot = idx // width, idx % width
       consts.update(nm=_gather_union(memory, cls, slot, use_pixel, use_region, dtype), nm_valid=ok,
-                    nm_label=cls)
+                    nm_label=cls, nm_weight=_pool_weight(row_valid.reshape(-1), ok))
+  # 'hardest' estimates the whole set's top K from the pools (module doc); pools at least as
+  # large as their sources are the sources themselves, and the exact top-K is taken.
+  pools_exact = ((not batch_pos or batch_pos >= label.shape[0])
+                 and (not batch_neg or batch_neg >= label.shape[0])
+                 and (not s.uses_memory or ((not mem_pos or mem_pos >= width)
+                                            and (not mem_neg or mem_neg >= num_classes * width))))
+  weighted = s.mining == "hardest" and not pools_exact
 
   # The negative pool is shared by all classes: every anchor against it is one [C*A, D] x [D, Q-]
   # matmul per source (C per-class [A, D] x [D, Q-] matmuls, A = 50, run ~1.6x slower on CPU).
@@ -354,15 +395,34 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
       return checkpoint_name(sel, _KEPT)
 
     pos_sim = checkpoint_name(pos_sim, _KEPT)
-    pos_sel = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low")
-    neg_sel = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high")
-    # Eq. 3 over the whole blocks with the selections as masks: the selected similarities are
-    # read in place, so the backward is a masked dense one (no gather, no scatter-add).
-    loss, ok = eq3_anchor_loss(pos_sim, pos_sel, neg_sim, neg_sel, s.temperature)
+    if weighted:
+      pos_w = jnp.concatenate([jnp.broadcast_to(x[f"{n}_weight"], x[f"{n}_valid"].shape)
+                               for n in ("bp", "mp") if f"{n}_valid" in x])
+      neg_w = jnp.concatenate([jnp.broadcast_to(consts[f"{n}_weight"], consts[f"{n}_valid"].shape)
+                               for n in ("bn", "nm") if f"{n}_valid" in consts])
+
+      def mine_weighted(sim, ok, w, num, harder):
+        hardness = -sim if harder == "low" else sim
+        sel, sel_w = sampling.weighted_top_mask(hardness, ok & x["anchor_valid"][:, None],
+                                                w[None, :], num)
+        return checkpoint_name(sel, _KEPT), checkpoint_name(sel_w, _KEPT)
+
+      pos_sel, pos_sel_w = mine_weighted(pos_sim, pos_ok, pos_w, s.num_positives, "low")
+      neg_sel, neg_sel_w = mine_weighted(neg_sim, neg_ok, neg_w, s.num_negatives, "high")
+      loss, ok = eq3_anchor_loss(pos_sim, pos_sel, neg_sim, neg_sel, s.temperature,
+                                 pos_weight=pos_sel_w, neg_weight=neg_sel_w)
+      num_pos, num_neg = jnp.sum(pos_sel_w, -1), jnp.sum(neg_sel_w, -1)
+    else:
+      pos_sel = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low")
+      neg_sel = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high")
+      # Eq. 3 over the whole blocks with the selections as masks: the selected similarities are
+      # read in place, so the backward is a masked dense one (no gather, no scatter-add).
+      loss, ok = eq3_anchor_loss(pos_sim, pos_sel, neg_sim, neg_sel, s.temperature)
+      num_pos, num_neg = jnp.sum(pos_sel, -1), jnp.sum(neg_sel, -1)
     ok &= x["anchor_valid"]
     return dict(loss=jnp.sum(jnp.where(ok, loss, 0.0)), valid=jnp.sum(ok),
-                pos=jnp.sum(jnp.where(ok, jnp.sum(pos_sel, -1), 0)),
-                neg=jnp.sum(jnp.where(ok, jnp.sum(neg_sel, -1), 0)))
+                pos=jnp.sum(jnp.where(ok, num_pos, 0)),
+                neg=jnp.sum(jnp.where(ok, num_neg, 0)))
 
   body = jax.checkpoint(block, policy=_REMAT_POLICY) if s.remat else block
   if s.unroll:

@@ -11,6 +11,8 @@ on data, so the functions are jit- and shard_map-safe.
 - `top_k_mask`: the set `lax.top_k` would select, as a mask, by bisection on the k-th value.
 - `mine_mask`: per-anchor positive / negative selection from a similarity block: random, hardest
   (top-K), semi-hard (top `fraction` hardest, then K at random from them).
+- `weighted_top_mask`: the hardest entries of a weighted sample (each pool entry standing for
+  `weight` entries of its source), i.e. an estimate of the whole source's top K from a pool.
 """
 from __future__ import annotations
 
@@ -258,6 +260,51 @@ def top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array | int, *, k_max:
   if impl == "bisect":
     return _bisect_top_k_mask(score, valid, k)
   return _sorted_top_k_mask(score, valid, k, min(int(k_max), score.shape[-1]), impl == "approx")
+
+
+def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """The top entries of a weighted sample: an estimate of the top k of the population it stands for.
+
+  Each valid entry i stands for `weight[i]` members of a larger population (its inverse inclusion
+  probability, e.g. source size / pool size). The population's top k are estimated by the entries
+  above the largest threshold t whose weight, sum_i w_i [score_i >= t], reaches k; when the whole
+  valid weight is below k every valid entry is selected. Selected weights are then scaled so that
+  they add up to exactly min(k, total weight), the size of the population's top-k set. With unit
+  weights this is the exact top-k set (all entries tied at the k-th value included).
+
+  The threshold is found by bisection over the ordered float32 bit patterns (32 weighted counting
+  passes over the row, O(n) each; no sort).
+
+  Args:
+    score: [..., n] float scores, larger = selected first (not differentiated).
+    valid: [..., n] bool.
+    weight: positive float weights broadcastable to [..., n].
+    k: static size of the population's top set.
+  Returns:
+    mask [..., n] bool, scaled weights [..., n] float32 (0 where not selected).
+  """
+  key = jnp.where(valid, _ordered_uint(lax.stop_gradient(score)), jnp.uint32(0))
+  w = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), key.shape)
+
+  def mass(threshold):  # weight at or above a threshold, per row
+    return jnp.sum(jnp.where(key >= threshold[..., None], w, 0.0), axis=-1)
+
+  lo = jnp.minimum(jnp.max(key, axis=-1), jnp.uint32(1))  # key >= 1 <=> valid
+  target = jnp.minimum(jnp.float32(k), mass(lo))  # same expression as mass(lo): exact compare
+  hi = jnp.max(key, axis=-1) + jnp.uint32(1)  # mass(hi) = 0 < target (unless nothing is valid)
+
+  def body(_, carry):
+    lo, hi = carry
+    mid = lo + (hi - lo) // 2
+    up = mass(mid) >= target
+    return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+
+  lo, _ = lax.fori_loop(0, 32, body, (lo, hi))
+  mask = valid & (key >= lo[..., None])
+  selected = jnp.sum(jnp.where(mask, w, 0.0), axis=-1)
+  scale = target / jnp.maximum(selected, 1e-30)
+  return mask, jnp.where(mask, w * scale[..., None], 0.0)
 
 
 def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,

@@ -1,9 +1,10 @@
 """Checks pixcon_jax against golden outputs of the official PyTorch code.
 
 Usage: python scripts/parity.py [--conv_impl=IMPL] CASE.json [CASE.json ...]
+(e.g. `python scripts/parity.py tests/golden/*.json`)
 
 Each case file names its `fixture` kind; the matching runner in
-`pixcon_jax.parity` rebuilds the inputs (and stand-in weights via the golden
+`golden_parity` (scripts/golden_parity/) rebuilds the inputs (and stand-in weights via the golden
 folder's `weights.py`), runs our code and prints one JSON line per compared
 quantity with `case`, `max_abs_diff`, `tolerance`, `ok`. Exit status 0 only if
 every line is ok. `--conv_impl` (auto | xla | matmul | winograd, default auto) picks
@@ -17,8 +18,9 @@ import sys
 
 import jax
 
-from pixcon_jax import parity
 from pixcon_jax.models import conv as conv_lib
+
+import golden_parity as parity  # scripts/golden_parity/
 
 
 def main(argv: list[str]) -> int:

@@ -66,7 +66,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.schedule.end_lr = 0.0  # LR at the last step.
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.class_weights = None  # None | 'cityscapes' | [C floats].
+  c.loss.class_weights = placeholder(object)  # None | 'cityscapes' | (C floats): any literal.
   c.loss.aux_weight = 0.4  # Weight of the aux head's CE (OCR, DeepLab).
   c.loss.ohem = False  # Online hard example mining CE.
   c.loss.ohem_threshold = 0.7  # OHEM probability threshold.

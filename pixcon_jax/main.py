@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from pixcon_jax import host_memory
+from pixcon_jax import user_paths
 from pixcon_jax import xla_cpu
 
 FLAGS = flags.FLAGS
@@ -78,7 +79,8 @@ def main(argv):
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
                os.environ.get("GLIBC_TUNABLES", ""), os.environ.get("XLA_FLAGS", ""))
   config = FLAGS.config
-  workdir = FLAGS.workdir
+  user_paths.expand_config_paths(config)  # The shell expands no `~` after `=`.
+  workdir = os.path.expanduser(FLAGS.workdir)
   mode = config.get("mode", "train")
   if mode == "train":
     from pixcon_jax import train  # pylint: disable=g-import-not-at-top

@@ -161,8 +161,10 @@ def _fmt_overrides(overrides: dict[str, Any]) -> str:
 
 
 def _cli_value(v: Any) -> str:
+  """`v` as a shell word that config_flags parses back to `v` (tuples double-quoted: an
+  unquoted `(` is a shell syntax error)."""
   if isinstance(v, tuple):
-    return "(" + ",".join(f"'{x}'" for x in v) + ("," if len(v) == 1 else "") + ")"
+    return '"(' + ",".join(f"'{x}'" for x in v) + ("," if len(v) == 1 else "") + ')"'
   if isinstance(v, str):
     return f"'{v}'"
   return str(v)

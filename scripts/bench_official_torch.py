@@ -5,7 +5,7 @@ a subprocess with a PyTorch interpreter (`--torch_python`), before timing ours o
 machine. Nothing of the official code is copied here: it is imported from a checkout,
   git clone https://github.com/tfzhou/ContrastiveSeg  (commit 287e5d3)
 with two CPU shims (`Tensor.cuda()` is a no-op, `nn.SyncBatchNorm` is `nn.BatchNorm2d`),
-the same ones the golden fixtures in ../shared/golden were produced with.
+the same ones the golden fixtures in tests/golden were produced with.
 
 One step is what the official trainer (`segmentor/trainer_contrastive.py`, distributed
 branch) does per iteration: forward `HRNet_W48_CONTRAST`, the loss, backward, SGD step.

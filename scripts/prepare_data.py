@@ -5,6 +5,7 @@
 See docs/DATA.md for the files each dataset expects in --manual_dir.
 """
 import json
+import os
 
 from absl import app
 from absl import flags
@@ -20,8 +21,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write.", req
 
 def main(argv):
   del argv
-  counts = prepare_dataset(_DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value)
-  print(json.dumps({"dataset": _DATASET.value, "data_dir": _DATA_DIR.value, "splits": counts}))
+  # `--data_dir=~/tfds`: the shell expands no `~` after `=`.
+  manual_dir, data_dir = (os.path.expanduser(d) for d in (_MANUAL_DIR.value, _DATA_DIR.value))
+  counts = prepare_dataset(_DATASET.value, manual_dir=manual_dir, data_dir=data_dir)
+  print(json.dumps({"dataset": _DATASET.value, "data_dir": data_dir, "splits": counts}))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,18 @@ def test_every_variant_is_an_override_of_cityscapes_hrnet():
     ablate.apply_overrides(config, {"contrast.nonexistent": 1})
 
 
+def test_result_table_overrides_are_shell_words_that_config_flags_parse(parse_config_flags):
+  """The overrides column of the result tables can be pasted into a command line."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  for table in ablate.TABLES:
+    for name, _, overrides, _ in ablate.VARIANTS[table]:
+      words = shlex.split(ablate._fmt_overrides(overrides).replace("`", "").replace(", ", " "))
+      config = parse_config_flags(["--config=configs/cityscapes_hrnet.py", *words])
+      for key, value in overrides.items():
+        group, leaf = key.split(".")
+        assert config[group][leaf] == value, (name, words)
+
+
 @pytest.mark.slow  # five trainings: ~16 min wall on 2 shared CPU cores
 def test_table2_on_demo_config_trains_each_variant_and_prints_table(tmp_path, capsys):
   config = _load(REPO / "configs" / "demo.py", "demo_config_ablate").get_config("runlocal")
@@ -63,7 +75,7 @@ def test_table2_on_demo_config_trains_each_variant_and_prints_table(tmp_path, ca
   print(md)
   out = capsys.readouterr().out
   for row in ("Mini-Batch (w/o memory)", "Pixel Memory", "Region Memory", "Pixel + Region Memory",
-              "Baseline (w/o contrast)", "`--config.contrast.sources=('batch',)`"):
+              "Baseline (w/o contrast)", "`--config.contrast.sources=\"('batch',)\"`"):
     assert row in out
   assert len(json.loads(js)) == 5
   assert (tmp_path / "ablation_table2.md").exists()

@@ -206,7 +206,7 @@ def test_evaluator_on_eight_devices_matches_single_device():
 
 
 # ------------------------------------------------------------------------------------------
-# Converted official models (stand-in weights of ../shared/golden/weights.py).
+# Converted official models (stand-in weights of tests/golden/weights.py).
 
 TINY_HRNET = dict(widths=(8, 16, 32, 64), stage_modules=(1, 1, 1), num_blocks=1, stem_width=16,
                   layer1_planes=8, layer1_blocks=1, proj_dim=16)
@@ -240,10 +240,10 @@ def _fake_cityscapes_split(first_image, first_label, n=3, h=64, w=128):
 
 def test_tiny_converted_hrnet_multiscale_flip_evaluation(golden_dir):
   from pixcon_jax import convert, models
-  from pixcon_jax.parity import models as parity_models
+  from golden_parity import models as parity_models
   model = models.build_model("hrnet_w48_contrast", num_classes=19, **TINY_HRNET)
   spec = _torch_spec_of(convert.variable_shapes(model))
-  state_dict = parity_models.golden_weights_module().torch_style_weights(spec, 0.5)
+  state_dict = parity_models.golden_weights_module(golden_dir).torch_style_weights(spec, 0.5)
   variables, report = convert.convert_for_model("hrnet_w48_contrast", state_dict, num_classes=19,
                                                 **TINY_HRNET)
   assert len(report.mapped) == len(spec)
@@ -266,11 +266,11 @@ def test_converted_official_w48_multiscale_flip_evaluation(golden_dir):
   and the multi-scale + flip protocol runs on a fake Cityscapes-like split (~3 compiles)."""
   from pixcon_jax import convert, models
   from pixcon_jax.models import layers
-  from pixcon_jax.parity import models as parity_models
+  from golden_parity import models as parity_models
   meta = json.loads((golden_dir / "hrnet_w48_contrast.json").read_text())
   with np.load(golden_dir / "hrnet_w48_contrast.npz") as f:
     ref = {k: f[k] for k in f.files}
-  state_dict = parity_models.golden_weights_module().torch_style_weights(
+  state_dict = parity_models.golden_weights_module(golden_dir).torch_style_weights(
       meta["state_dict_spec"], meta["weights"]["conv_gain"])
   variables, _ = convert.convert_for_model("hrnet_w48_contrast", state_dict, num_classes=19)
   model = models.build_model("hrnet_w48_contrast", num_classes=19)

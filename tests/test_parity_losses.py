@@ -1,8 +1,8 @@
-"""Every loss/op golden fixture (../shared/golden) passes its parity runner."""
+"""Every loss/op golden fixture (tests/golden) passes its parity runner."""
 import jax
 import pytest
 
-from pixcon_jax import parity
+import golden_parity as parity  # scripts/golden_parity/
 
 FIXTURES = ["contrastive_core", "anchor_sampling", "contrast_loss_e2e", "ce_weighted",
             "resize_ops"]

@@ -1,4 +1,4 @@
-"""Full-width networks against the official PyTorch outputs (every model case in ../shared/golden).
+"""Full-width networks against the official PyTorch outputs (every model case in tests/golden).
 
 These run the real HRNet-W48 / ResNet-101 sizes at the fixtures' small inputs;
 on CPU each case takes roughly 20-40 s, most of it XLA compilation.
@@ -8,11 +8,11 @@ import pathlib
 
 import pytest
 
+import golden_parity as parity  # scripts/golden_parity/
 from pixcon_jax import models
-from pixcon_jax import parity
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden"
+GOLDEN = REPO / "tests" / "golden"
 
 
 def _model_cases() -> list[pathlib.Path]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from pixcon_jax.data.info import get_dataset_info
 
@@ -11,8 +12,10 @@ def default_data_config(dataset: str = "cityscapes") -> ml_collections.ConfigDic
 
   Keys:
     dataset: registry name: cityscapes | pascal_context | coco_stuff | synthetic.
-    data_dir: TFDS data_dir of the prepared dataset (unused by synthetic).
-    tfds_name: TFDS builder name; None = the dataset's (e.g. 'cityscapes/semantic_segmentation').
+    data_dir: TFDS data_dir of the prepared dataset (unused by synthetic); None or '' = TFDS's
+      default (~/tensorflow_datasets); a leading ~ is expanded.
+    tfds_name: TFDS builder name; None or '' = the dataset's (e.g.
+      'cityscapes/semantic_segmentation').
     train_split / eval_split: TFDS split names.
     batch_size: GLOBAL batch size (paper: 8 Cityscapes, 16 PASCAL-Context / COCO-Stuff); the
       training loop divides it by the process count and passes the per-process size here.
@@ -31,14 +34,15 @@ def default_data_config(dataset: str = "cityscapes") -> ml_collections.ConfigDic
   info = get_dataset_info(dataset)
   c = ml_collections.ConfigDict()
   c.dataset = dataset
-  c.data_dir = None
-  c.tfds_name = None
+  # Keys that default to None are typed placeholders, so that `--config.data.x=...` can set them.
+  c.data_dir = placeholder(str)
+  c.tfds_name = placeholder(str)
   c.train_split = info.train_split
   c.eval_split = info.val_split
   c.batch_size = {"cityscapes": 8, "synthetic": 8}.get(dataset, 16)
   c.crop_size = info.crop_size
-  c.eval_pad_size = None if dataset == "synthetic" else info.eval_pad_size
-  c.eval_resize = None
+  c.eval_pad_size = placeholder(tuple) if dataset == "synthetic" else info.eval_pad_size
+  c.eval_resize = placeholder(tuple)
   c.worker_count = 2
   c.prefetch = 2
   c.read_threads = 4

@@ -1,8 +1,8 @@
 """Parity of the networks against the official PyTorch outputs (`model_eval`, `backbone_train`).
 
-A case is a JSON in ../shared/golden with an .npz beside it. The stand-in weights
+A case is a JSON in tests/golden with an .npz beside it. The stand-in weights
 are rebuilt from the JSON's `state_dict_spec` with the golden folder's
-`weights.torch_style_weights` (loaded from `<repo>/../shared/golden/weights.py`),
+`weights.torch_style_weights` (its `weights.py`, beside the case JSON),
 converted with `pixcon_jax.convert` and run on the stored NCHW input transposed
 to NHWC. Each compared array gives one row: `case`, `output`, `max_abs_diff`,
 `tolerance = 1e-4 * max(1, max|ref|)`, `ok`.
@@ -24,19 +24,17 @@ import numpy as np
 from pixcon_jax import convert
 from pixcon_jax import models
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-GOLDEN_WEIGHTS = REPO.parent / "shared" / "golden" / "weights.py"
-
 # Official output names -> keys of our output dict.
 _OUTPUT_KEYS = {"seg": "logits", "seg_aux": "aux_logits", "embed": "embedding"}
 
 
 @functools.cache
-def golden_weights_module() -> ModuleType:
-  """The golden folder's `weights.py`, imported from its path beside the repository."""
-  if not GOLDEN_WEIGHTS.is_file():
-    raise ValueError(f"golden weights.py not found at {GOLDEN_WEIGHTS}")
-  spec = importlib.util.spec_from_file_location("pixcon_golden_weights", GOLDEN_WEIGHTS)
+def golden_weights_module(golden_dir: pathlib.Path | str) -> ModuleType:
+  """The `weights.py` of a golden folder (e.g. tests/golden), imported from its path."""
+  path = pathlib.Path(golden_dir).resolve() / "weights.py"
+  if not path.is_file():
+    raise ValueError(f"golden weights.py not found at {path}")
+  spec = importlib.util.spec_from_file_location("pixcon_golden_weights", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -49,7 +47,7 @@ def _load_case(path: pathlib.Path | str) -> tuple[dict[str, Any], dict[str, np.n
   meta = json.loads(path.read_text())
   with np.load(path.with_suffix(".npz")) as f:
     ref = {k: f[k] for k in f.files}
-  state_dict = golden_weights_module().torch_style_weights(
+  state_dict = golden_weights_module(path.parent).torch_style_weights(
       meta["state_dict_spec"], meta["weights"]["conv_gain"])
   return meta, ref, state_dict
 

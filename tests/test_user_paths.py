@@ -1,0 +1,34 @@
+"""`~` in the paths users type, from the command line to where they are used."""
+import os
+
+from pixcon_jax import user_paths
+from pixcon_jax.data import defaults
+from pixcon_jax.data import sources
+
+
+def test_data_dir_with_tilde_from_the_command_line_reaches_the_tfds_source(parse_config_flags):
+  # The command of the README's Datasets section; it used to fail flag parsing (data_dir = None).
+  config = parse_config_flags(["--config=configs/cityscapes_hrnet.py",
+                               "--config.data.data_dir=~/tfds", "--config.init_from=~/ckpt/w48",
+                               "--config.predict.output_dir=~/out"])
+  assert config.data.data_dir == "~/tfds"  # The shell leaves the `~` after `=`.
+  user_paths.expand_config_paths(config)
+  home = os.path.expanduser("~")
+  assert home != "~"
+  assert config.data.data_dir == os.path.join(home, "tfds")
+  assert config.init_from == os.path.join(home, "ckpt", "w48")
+  assert config.predict.output_dir == os.path.join(home, "out")
+  assert config.predict.input_dir == ""  # Unset keys stay unset.
+  assert f"data_dir={os.path.join(home, 'tfds')!r}" in repr(
+      sources.make_source(config.data, "train"))
+
+
+def test_tfds_keys_unset_with_none_or_empty_string_use_the_dataset_defaults():
+  c = defaults.default_data_config("cityscapes")
+  default = repr(sources.make_source(c, "train"))
+  assert "'cityscapes/semantic_segmentation'" in default and "data_dir=None" in default
+  c.data_dir, c.tfds_name = "", ""
+  assert repr(sources.make_source(c, "train")) == default
+  c.data_dir, c.tfds_name = "~/d", "my_builder"
+  assert repr(sources.make_source(c, "train")) == (
+      f"TfdsSource('my_builder', split='train', data_dir={os.path.expanduser('~/d')!r})")

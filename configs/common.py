@@ -145,6 +145,7 @@ def apply_official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.contrast.max_views = 100
   c.contrast.global_batch = False  # Per-GPU sampling as with DDP.
   c.augment.color_jitter = False  # Official: RandomBrightness only.
+  c.augment.bgr = True  # Official: cv2 BGR input, ImageNet RGB statistics applied by position.
   return c
 
 

@@ -144,3 +144,39 @@ def test_main_predict_mode_command_line(tmp_path):
   assert "readme.md" in proc.stdout + proc.stderr
   assert Image.open(out / "label" / "x.png").size == (45, 30)
   assert Image.open(out / "color" / "x.png").size == (45, 30)
+
+
+def test_label_id_maps_are_found_and_read_by_cityscapesscripts(tmp_path):
+  """label_format=label_id: raw ids 0..33 (uint8) under a name the benchmark's evaluator pairs
+  with its ground truth (`getPrediction` matches `<city>_<seq>_<frame>*.png`)."""
+  from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+  from cityscapesscripts.helpers import labels as cs_labels
+  from pixcon_jax.data import cityscapes, classes
+  id_lut = classes.train_id_to_id_lut(cityscapes.CLASS_TABLE)
+  train_ids = np.arange(19, dtype=np.int32).reshape(1, 19).repeat(3, axis=0)
+  palette = np.zeros((19, 3), np.uint8)
+  stems = ["frankfurt_000000_000294_leftImg8bit", "frankfurt_000000_000576_leftImg8bit"]
+  for stem in stems:
+    predict.save_prediction(train_ids, palette, str(tmp_path / "out"), stem,
+                            id_lut=id_lut)
+  args = cs_eval.CArgs()
+  args.predictionPath, args.predictionWalk = str(tmp_path / "out" / "label"), None
+  gt = "/any/gtFine/val/frankfurt/frankfurt_000000_000576_gtFine_labelIds.png"
+  found = pathlib.Path(cs_eval.getPrediction(args, gt))
+  assert found.name == "frankfurt_000000_000576_labelIds.png"
+  ids = np.asarray(Image.open(found))
+  assert ids.dtype == np.uint8
+  by_train_id = {l.trainId: l.id for l in cs_labels.labels if 0 <= l.trainId < 255}
+  np.testing.assert_array_equal(ids[0], [by_train_id[t] for t in range(19)])
+  # The colour map keeps the input's stem and the train-id palette.
+  assert (tmp_path / "out" / "color" / f"{stems[1]}.png").is_file()
+
+
+def test_unknown_label_format_is_an_error_naming_the_key(tmp_path):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  config = ml_collections.ConfigDict(dict(predict=dict(
+      input_dir=str(inputs), output_dir=str(tmp_path / "out"), label_format="labelIds")))
+  with pytest.raises(ValueError, match=r"config.predict.label_format must be one of "
+                                       r"\['train_id', 'label_id'\], got 'labelIds'"):
+    predict.predict_folder(config, str(tmp_path / "work"))

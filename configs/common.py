@@ -120,6 +120,9 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.predict = ml_collections.ConfigDict()
   c.predict.input_dir = ""  # Folder of PNG/JPEG images.
   c.predict.output_dir = ""  # Receives label/<name>.png (class ids) and color/<name>.png.
+  # train_id (0..C-1) | label_id: raw dataset ids (Cityscapes labelIds 0..33), named
+  # label/<city>_<seq>_<frame>_labelIds.png for cityscapesscripts and the benchmark server.
+  c.predict.label_format = "train_id"
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000  # Save period.
@@ -146,6 +149,7 @@ def apply_official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.contrast.max_views = 100
   c.contrast.global_batch = False  # Per-GPU sampling as with DDP.
   c.augment.color_jitter = False  # Official: RandomBrightness only.
+  c.augment.bgr = True  # Official: cv2 BGR input, ImageNet RGB statistics applied by position.
   return c
 
 

@@ -167,6 +167,55 @@ def convert_state_dict(state_dict: Mapping[str, Any], target: Any, *, backbone_o
   return flax.traverse_util.unflatten_dict(flat_out), report
 
 
+# Official `network.model_name` values whose model is registered here under another name; all
+# other official names we support are registered under the official name itself.
+OFFICIAL_MODEL_NAMES = {"spatial_ocrnet": "ocr_r101"}
+
+
+def checkpoint_model_name(config_dict: Mapping[str, Any] | None) -> str | None:
+  """The model of an official `save_net` checkpoint, as our registered name.
+
+  Args:
+    config_dict: the checkpoint's `config_dict` (the official Configer's tree), or None.
+  Returns:
+    `config_dict["network"]["model_name"]` translated by `OFFICIAL_MODEL_NAMES`, or None
+    when the checkpoint does not record it.
+  """
+  network = (config_dict or {}).get("network")
+  name = network.get("model_name") if isinstance(network, Mapping) else None
+  if not isinstance(name, str):
+    return None
+  return OFFICIAL_MODEL_NAMES.get(name, name)
+
+
+def resolve_model_name(requested: str | None, config_dict: Mapping[str, Any] | None, *,
+                       source: str) -> str:
+  """The model to convert `source` for: the checkpoint's own when it records one.
+
+  Args:
+    requested: the user's model name (`--model`), or None.
+    config_dict: the checkpoint's `config_dict`, or None.
+    source: the checkpoint's file name, for messages.
+  Returns:
+    The registered model name.
+  Raises:
+    ValueError: one line, when `requested` contradicts the checkpoint's model, or when neither
+      gives a model.
+  """
+  recorded = checkpoint_model_name(config_dict)
+  if recorded is None:
+    if requested is None:
+      raise ValueError(f"{source} records no model (no config_dict network.model_name); "
+                       "pass --model")
+    return requested
+  if requested is not None and requested != recorded:
+    official = config_dict["network"]["model_name"]
+    held = recorded if official == recorded else f"{official} (registered here as {recorded})"
+    raise ValueError(f"--model={requested} does not match {source}, which holds model {held} "
+                     f"(config_dict network.model_name); pass --model={recorded} or omit it")
+  return recorded
+
+
 def merge_variables(base: Any, update: Any) -> dict[str, Any]:
   """Overlays `update` (e.g. converted backbone variables) on `base` (initialised variables)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(base))

@@ -13,7 +13,12 @@ files, or without a single readable image, is an error naming it.
 Images are normalised by the data pipeline's own function (`data.transforms.normalize`
 with `config.augment`: ImageNet statistics, BGR if the config says so), and inference uses
 the config's evaluation protocol (`config.eval`: scales, flip, whole / sliding window), at
-the image's full resolution. Weights: the latest checkpoint in the workdir, else
+the image's full resolution. With `--config.predict.label_format=label_id` (default
+`train_id`) the label PNGs hold the dataset's raw label ids instead (Cityscapes `labelIds`,
+0..33, uint8) and are named for the benchmark: `<city>_<seq>_<frame>_leftImg8bit.png` ->
+`OUT/label/<city>_<seq>_<frame>_labelIds.png`, which cityscapesscripts'
+`evalPixelLevelSemanticLabeling` finds (it matches `<city>_<seq>_<frame>*.png` under
+CITYSCAPES_RESULTS=OUT/label). Weights: the latest checkpoint in the workdir, else
 `config.init_from`. On several processes the files are split between them.
 """
 from __future__ import annotations
@@ -29,7 +34,12 @@ from absl import logging
 from PIL import Image
 
 from pixcon_jax import evaluate
+from pixcon_jax.data import classes
 from pixcon_jax.data import transforms
+
+# `config.predict.label_format`: what the label PNGs hold.
+LABEL_FORMATS = ("train_id", "label_id")
+_CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit"
 
 
 def _predict_config(config: Any) -> tuple[str, str]:
@@ -43,6 +53,27 @@ def _predict_config(config: Any) -> tuple[str, str]:
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"config.predict.input_dir={input_dir!r} is not a directory")
   return input_dir, output_dir
+
+
+def _label_format(config: Any) -> str:
+  pred = config.get("predict") or {}
+  fmt = (pred.get("label_format") if hasattr(pred, "get") else None) or "train_id"
+  if fmt not in LABEL_FORMATS:
+    raise ValueError(f"config.predict.label_format must be one of {list(LABEL_FORMATS)}, "
+                     f"got {fmt!r}")
+  return fmt
+
+
+def label_id_stem(stem: str) -> str:
+  """The benchmark's name for the label-id map of image `stem`.
+
+  `<city>_<seq>_<frame>_leftImg8bit` -> `<city>_<seq>_<frame>_labelIds`: cityscapesscripts
+  pairs a prediction with its ground truth by the prefix `<city>_<seq>_<frame>`, and the
+  test server takes `*_labelIds.png`. Other stems just get the `_labelIds` suffix.
+  """
+  if stem.endswith(_CITYSCAPES_IMAGE_SUFFIX):
+    stem = stem[:-len(_CITYSCAPES_IMAGE_SUFFIX)]
+  return stem + "_labelIds"
 
 
 def list_inputs(input_dir: str) -> list[str]:
@@ -78,17 +109,32 @@ def output_names(names: list[str]) -> dict[str, str]:
   return out
 
 
-def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, stem: str
-                    ) -> tuple[str, str]:
-  """Writes `label/<stem>.png` (ids) and `color/<stem>.png` (palette). Returns both paths."""
+def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, stem: str, *,
+                    id_lut: np.ndarray | None = None) -> tuple[str, str]:
+  """Writes the label map and `color/<stem>.png` (palette). Returns both paths.
+
+  Args:
+    label: [H, W] int train ids.
+    palette: [C, 3] uint8.
+    output_dir: receives `label/` and `color/`.
+    stem: output name without extension.
+    id_lut: [C] raw label id of each train id (`classes.train_id_to_id_lut`), or None. When
+      given, `label/<label_id_stem(stem)>.png` holds raw ids; otherwise `label/<stem>.png`
+      holds train ids.
+  """
   label_dir = os.path.join(output_dir, "label")
   color_dir = os.path.join(output_dir, "color")
   os.makedirs(label_dir, exist_ok=True)
   os.makedirs(color_dir, exist_ok=True)
-  dtype = np.uint8 if len(palette) <= 256 else np.uint16
-  label_path = os.path.join(label_dir, stem + ".png")
+  if id_lut is None:
+    values, label_stem = label, stem
+  else:
+    values, label_stem = id_lut[label], label_id_stem(stem)
+  top = int(id_lut.max()) if id_lut is not None else len(palette) - 1
+  dtype = np.uint8 if top < 256 else np.uint16
+  label_path = os.path.join(label_dir, label_stem + ".png")
   color_path = os.path.join(color_dir, stem + ".png")
-  Image.fromarray(label.astype(dtype)).save(label_path)
+  Image.fromarray(values.astype(dtype)).save(label_path)
   lut = np.zeros((max(256, len(palette)), 3), np.uint8)
   lut[:len(palette)] = palette
   Image.fromarray(lut[label.astype(np.int64)]).save(color_path)
@@ -113,8 +159,11 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   """
   from pixcon_jax import train  # pylint: disable=g-import-not-at-top
   input_dir, output_dir = _predict_config(config)
+  label_format = _label_format(config)
   names = list_inputs(input_dir)
   exp = train.setup(config)
+  id_lut = (classes.train_id_to_id_lut(exp.info.class_table) if label_format == "label_id"
+            else None)
   variables, source, _ = evaluate.load_variables(config, workdir, exp)
   # One device per process; the replicated copy already sits there.
   local = jax.tree.map(lambda x: x.addressable_data(0), variables)
@@ -137,7 +186,8 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
       continue
     image = transforms.normalize(rgb, augment)[None]
     label = np.asarray(predictor(local, image))[0]
-    label_path, color_path = save_prediction(label, palette, output_dir, stems[name])
+    label_path, color_path = save_prediction(label, palette, output_dir, stems[name],
+                                             id_lut=id_lut)
     report["written"].append({"input": name, "label": label_path, "color": color_path,
                               "size": list(rgb.shape[:2])})
   if not report["written"] and not report["skipped"]:

@@ -7,7 +7,9 @@ Usage:
 
 The input is a `.pth` (read with torch, imported only here) or an `.npz` of
 name -> array. A `.pth` holding `{"state_dict": ...}` (the official trainer's
-format) is unwrapped. The output is a StandardCheckpointer checkpoint of
+format) is unwrapped; when it also holds the trainer's `config_dict` (`save_net`), the model
+is the one it records (`network.model_name`), `--model` may be omitted, and a different
+`--model` is an error naming the checkpoint's model. The output is a StandardCheckpointer checkpoint of
 `{"params", "batch_stats"}` (float32 numpy trees). With `--backbone_only` it
 holds only the "backbone" subtrees; training overlays them on its freshly
 initialised variables with `pixcon_jax.convert.merge_variables`.
@@ -25,7 +27,9 @@ import numpy as np
 
 from pixcon_jax import convert
 
-_MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. hrnet_w48_contrast")
+_MODEL = flags.DEFINE_string(
+    "model", None, "registered model name, e.g. hrnet_w48_contrast; optional when the checkpoint "
+    "records it (the official trainer's config_dict)")
 _TORCH = flags.DEFINE_string("torch", None, "input .pth or .npz state_dict")
 _OUT = flags.DEFINE_string("out", None, "output checkpoint directory (created; must not exist)")
 _BACKBONE_ONLY = flags.DEFINE_bool(
@@ -46,32 +50,45 @@ def _unwrap(obj: Any) -> dict[str, Any]:
   return obj
 
 
-def load_state_dict(path: pathlib.Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-  """name -> numpy array from a .npz or a .pth."""
+def _config_dict(obj: Any) -> dict[str, Any] | None:
+  """The official trainer's `config_dict` of a checkpoint object, or None."""
+  config_dict = obj.get("config_dict") if isinstance(obj, dict) else None
+  return config_dict if isinstance(config_dict, dict) else None
+
+
+def load_checkpoint(path: pathlib.Path, allow_pickle: bool = False
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+  """(name -> numpy array, the checkpoint's `config_dict` or None) from a .npz or a .pth."""
   if path.suffix == ".npz":
     with np.load(path) as f:
-      return {k: f[k] for k in f.files}
+      return {k: f[k] for k in f.files}, None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise SystemExit(f"reading {path} needs PyTorch (pip install torch), or pass an .npz of the "
                      f"state_dict instead: {e}") from e
   obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-  return {k: v.detach().cpu().numpy() for k, v in _unwrap(obj).items()
-          if hasattr(v, "detach")}
+  state_dict = {k: v.detach().cpu().numpy() for k, v in _unwrap(obj).items()
+                if hasattr(v, "detach")}
+  return state_dict, _config_dict(obj)
 
 
 def main(argv: list[str]) -> None:
   del argv
-  for flag in (_MODEL, _TORCH, _OUT):
+  for flag in (_TORCH, _OUT):
     if flag.value is None:
       raise app.UsageError(f"--{flag.name} is required")
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
 
-  state_dict = load_state_dict(pathlib.Path(_TORCH.value), _ALLOW_PICKLE.value)
+  path = pathlib.Path(_TORCH.value)
+  state_dict, config_dict = load_checkpoint(path, _ALLOW_PICKLE.value)
+  try:
+    model = convert.resolve_model_name(_MODEL.value, config_dict, source=path.name)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   variables, report = convert.convert_for_model(
-      _MODEL.value, state_dict, num_classes=_NUM_CLASSES.value,
+      model, state_dict, num_classes=_NUM_CLASSES.value,
       backbone_only=_BACKBONE_ONLY.value)
   print(report.summary())
   out = pathlib.Path(_OUT.value).resolve()

@@ -27,6 +27,7 @@ def test_config_variants_load(name, arg):
   assert c.optim.momentum == 0.9 and c.optim.weight_decay == 5e-4 and c.schedule.power == 0.9
   if arg and "official" in arg:
     assert c.contrast.recipe == "official" and c.contrast.weight == 0.1
+    assert c.augment.bgr
     assert c.contrast.warmup_steps == 5000
   else:
     assert c.contrast.recipe == "paper" and c.contrast.weight == 1.0

@@ -1,4 +1,11 @@
 """PyTorch state_dict <-> Flax variables: round trip, error reports, backbone-only conversion."""
+import importlib.util
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -116,3 +123,95 @@ def test_converted_model_runs(tiny, quick_jit):
   image = jnp.ones((1, 32, 32, 3))
   res = quick_jit(lambda v, x: model.apply(v, x, train=False), out, image)
   assert res["logits"].shape == (1, 8, 8, 3) and bool(jnp.all(jnp.isfinite(res["logits"])))
+
+
+# ---- official `save_net` checkpoints: {"config_dict": ..., "state_dict": {"module.": ...}} -----
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A stand-in for torch (not a test dependency): `torch.load` of a pickled official checkpoint
+# whose tensors are numpy arrays, wrapped to answer `.detach().cpu().numpy()`.
+_FAKE_TORCH = """
+import pickle
+class _Tensor:
+  def __init__(self, a): self._a = a
+  def detach(self): return self
+  def cpu(self): return self
+  def numpy(self): return self._a
+def load(path, map_location=None, weights_only=True):
+  with open(path, "rb") as f:
+    obj = pickle.load(f)
+  obj["state_dict"] = {k: _Tensor(v) for k, v in obj["state_dict"].items()}
+  return obj
+"""
+
+
+def _official_config(model_name):
+  """The part of the official Configer tree that `save_net` stores and we read."""
+  return {"data": {"num_classes": 3, "input_mode": "BGR"},
+          "network": {"backbone": "hrnet48", "model_name": model_name}}
+
+
+@pytest.fixture()
+def official_pth(tmp_path, tiny):
+  """(path of a fake official .pth of the tiny hrnet_w48_ocr_contrast, dir holding fake torch)."""
+  _, _, _, sd = tiny
+  ckpt = {"config_dict": _official_config("hrnet_w48_ocr_contrast"),
+          "state_dict": {f"module.{k}": v for k, v in sd.items()}}
+  path = tmp_path / "hrnet_ocr_contrast_max_performance.pth"
+  path.write_bytes(pickle.dumps(ckpt))
+  fake = tmp_path / "fake_torch"
+  (fake / "torch").mkdir(parents=True)
+  (fake / "torch" / "__init__.py").write_text(_FAKE_TORCH)
+  return path, fake
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location("convert_checkpoint_script",
+                                                REPO / "scripts" / "convert_checkpoint.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_official_checkpoint_converts_for_the_model_its_config_dict_names(official_pth, tiny,
+                                                                          monkeypatch):
+  path, fake = official_pth
+  monkeypatch.syspath_prepend(str(fake))
+  monkeypatch.delitem(sys.modules, "torch", raising=False)
+  state_dict, config_dict = _load_script().load_checkpoint(path)
+  assert all(k.startswith("module.") for k in state_dict)
+  name = convert.resolve_model_name(None, config_dict, source=path.name)
+  assert name == "hrnet_w48_ocr_contrast"
+  assert convert.resolve_model_name(name, config_dict, source=path.name) == name
+  _, _, variables, _ = tiny
+  out, _ = convert.convert_for_model(name, state_dict, num_classes=3, **TINY)
+  _assert_trees_equal(out, variables)
+
+
+def test_model_name_of_official_names_and_missing_records():
+  assert convert.checkpoint_model_name(_official_config("spatial_ocrnet")) == "ocr_r101"
+  assert convert.checkpoint_model_name({"network": {"backbone": "hrnet48"}}) is None
+  assert convert.checkpoint_model_name(None) is None
+  assert convert.resolve_model_name("deeplab_v3", None, source="x.npz") == "deeplab_v3"
+  with pytest.raises(ValueError, match="x.npz records no model.*pass --model"):
+    convert.resolve_model_name(None, None, source="x.npz")
+  with pytest.raises(ValueError, match=r"holds model spatial_ocrnet \(registered here as "
+                                       r"ocr_r101\).*--model=ocr_r101"):
+    convert.resolve_model_name("ocr_r101_contrast", _official_config("spatial_ocrnet"),
+                               source="x.pth")
+
+
+def test_wrong_model_flag_is_one_line_naming_the_checkpoints_model(official_pth, tmp_path):
+  path, fake = official_pth
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO)]))
+  res = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"),
+       "--model=hrnet_w48_contrast", f"--torch={path}", f"--out={tmp_path / 'out'}"],
+      capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert res.returncode != 0
+  lines = res.stderr.strip().splitlines()
+  assert len(lines) == 1, res.stderr
+  assert lines[0] == (f"error: --model=hrnet_w48_contrast does not match {path.name}, which "
+                      "holds model hrnet_w48_ocr_contrast (config_dict network.model_name); "
+                      "pass --model=hrnet_w48_ocr_contrast or omit it")
+  assert not (tmp_path / "out").exists()

@@ -151,3 +151,24 @@ def test_class_table_and_weights():
   assert len(info.class_weights) == 19 and info.class_weights[0] == 0.8373
   from pixcon_jax import losses  # pylint: disable=g-import-not-at-top
   np.testing.assert_allclose(np.asarray(losses.CITYSCAPES_CLASS_WEIGHTS), info.class_weights)
+
+
+def test_class_table_matches_cityscapesscripts():
+  """Every entry against the benchmark's own table (cityscapesscripts.helpers.labels)."""
+  from cityscapesscripts.helpers import labels as cs  # pylint: disable=g-import-not-at-top
+  official = {l.id: l for l in cs.labels if l.id >= 0}
+  assert len(official) == 34
+  ours = {e.id: e for e in cityscapes.CLASS_TABLE}
+  # The license plate (id -1, train id -1) never occurs in the label maps; we leave it out.
+  assert sorted(ours) == sorted(official)
+  for i, l in official.items():
+    e = ours[i]
+    # cityscapesscripts marks ignored classes with trainId 255 (or -1 for the plate).
+    assert (e.train_id, e.name, e.color, e.ignore_in_eval) == (
+        l.trainId, l.name, tuple(l.color), l.ignoreInEval), f"label id {i}"
+  lut = cityscapes.ID_TO_TRAIN_ID
+  np.testing.assert_array_equal(lut[:34], [official[i].trainId for i in range(34)])
+  info = data.get_dataset_info("cityscapes")
+  by_train_id = {l.trainId: l for l in cs.labels if 0 <= l.trainId < 255}
+  assert info.class_names == tuple(by_train_id[t].name for t in range(19))
+  np.testing.assert_array_equal(info.palette, [by_train_id[t].color for t in range(19)])

@@ -97,16 +97,44 @@ def test_same_seed_same_output_and_normalisation():
   assert not np.array_equal(a[0], c[0])
 
 
-def test_bgr_and_imagenet_normalisation():
+def test_rgb_imagenet_normalisation():
   image = np.full((4, 4, 3), (10, 120, 240), np.uint8)
   label = np.zeros((4, 4), np.uint8)
   rgb = transforms.eval_transform(image, label, pad_size=None, resize=None,
                                   cfg=transforms.AugmentConfig())[0]
-  bgr = transforms.eval_transform(image, label, pad_size=None, resize=None,
-                                  cfg=transforms.AugmentConfig(bgr=True))[0]
-  expected = (np.array([10, 120, 240]) - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD
+  expected = (np.array([10, 120, 240]) / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array(
+      [0.229, 0.224, 0.225])
   np.testing.assert_allclose(rgb[0, 0], expected, rtol=1e-5)
-  np.testing.assert_allclose(bgr[0, 0], expected[::-1], rtol=1e-5)
+
+
+def _official_bgr_input(rgb: np.ndarray) -> np.ndarray:
+  """The official network input for an RGB uint8 [H, W, 3] image, [H, W, 3] float64.
+
+  Written from tfzhou/ContrastiveSeg @287e5d3: the loader reads BGR with cv2 (`input_mode`
+  BGR), `ToTensor` makes CHW floats, `Normalize(div_value=255, mean, std)` divides by 255 and
+  zips the channels with the RGB lists, so channel i gets mean[i] and std[i] by position.
+  """
+  chw = rgb[..., ::-1].transpose(2, 0, 1).astype(np.float64) / 255.0
+  mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+  out = np.stack([(chw[i] - mean[i]) / std[i] for i in range(3)])
+  return out.transpose(1, 2, 0)
+
+
+def test_bgr_matches_the_official_normalisation_on_both_code_paths():
+  rgb = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+  rgb[0, 0] = (10, 120, 240)  # Strongly unequal channels: a swapped statistic shows here.
+  label = np.zeros(rgb.shape[:2], np.uint8)
+  expected = _official_bgr_input(rgb)
+  cfg = transforms.AugmentConfig(bgr=True)
+  # Arithmetic path (also the colour-jitter branch of `train_transform`).
+  np.testing.assert_allclose(transforms.normalize(rgb, cfg), expected, atol=1e-5)
+  # Lookup-table paths: evaluation, and training with an identity geometry and no shift.
+  got = transforms.eval_transform(rgb, label, pad_size=None, resize=None, cfg=cfg)[0]
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  train_cfg = dataclasses.replace(cfg, scale_range=(1.0, 1.0), flip=False, brightness_shift=0)
+  got = transforms.train_transform(rgb, label, np.random.default_rng(0), crop_size=(6, 10),
+                                   cfg=train_cfg)[0]
+  np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_brightness_shift_is_bounded_and_shared_by_all_pixels():

@@ -106,6 +106,50 @@ def test_softmax_aggregation_sums_probabilities():
   np.testing.assert_allclose(np.asarray(s).sum(-1), 4.0, rtol=1e-5)
 
 
+def _np_resize_align_corners(x, size):
+  """Bilinear resize with align_corners=True in float64 numpy: [B, H, W, C] -> [B, h, w, C].
+
+  Output pixel o of an axis of n -> m samples input coordinate o * (n - 1) / (m - 1)
+  (coordinate 0 when m == 1), interpolating linearly between its two neighbours.
+  """
+  x = np.asarray(x, np.float64)
+  for axis, m in ((1, size[0]), (2, size[1])):
+    n = x.shape[axis]
+    src = np.arange(m) * ((n - 1) / (m - 1) if m > 1 else 0.0)
+    i0 = np.minimum(np.floor(src).astype(int), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    shape = [1, 1, 1, 1]
+    shape[axis] = m
+    frac = (src - i0).reshape(shape)
+    x = np.take(x, i0, axis=axis) * (1 - frac) + np.take(x, i1, axis=axis) * frac
+  return x
+
+
+def test_multiscale_flip_logits_equal_an_independent_numpy_reference():
+  # The official `ms_test`: per scale, resize the image to (int(H s), int(W s)) (align_corners),
+  # run the network on it and on its mirror (flipped back), resize each to (H, W) and sum.
+  model = ToyNet(stride=2, kernel=3)  # A 3x3 conv: the flipped pass really differs.
+  variables = _init(model)
+  apply = jax.jit(lambda x: model.apply(variables, x)["logits"])
+  image = _images(b=1, h=13, w=18, seed=3)
+  scales = (0.75, 1.5)
+  h, w = image.shape[1:3]
+  expected = np.zeros((1, h, w, C))
+  for s in scales:
+    x = _np_resize_align_corners(image, (int(h * s), int(w * s))).astype(np.float32)
+    expected += _np_resize_align_corners(np.asarray(apply(x)), (h, w))
+    mirrored = np.asarray(apply(np.ascontiguousarray(x[:, :, ::-1])))[:, :, ::-1]
+    expected += _np_resize_align_corners(mirrored, (h, w))
+  got = evaluate.predict_scores(evaluate.logits_apply_fn(model), variables, image,
+                                settings=evaluate.InferenceSettings(scales=scales, flip=True))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+  # The scales matter on this model: ignoring them (two passes at scale 1) is far off.
+  unscaled = evaluate.predict_scores(evaluate.logits_apply_fn(model), variables, image,
+                                     settings=evaluate.InferenceSettings(scales=(1.0, 1.0),
+                                                                         flip=True))
+  assert np.abs(np.asarray(unscaled) - expected).max() > 100 * 1e-4
+
+
 def test_settings_from_config_protocols():
   import ml_collections
   cfg = ml_collections.ConfigDict(dict(mode="whole", scales=(1.0,), flip=False,

@@ -144,3 +144,133 @@ def test_main_predict_mode_command_line(tmp_path):
   assert "readme.md" in proc.stdout + proc.stderr
   assert Image.open(out / "label" / "x.png").size == (45, 30)
   assert Image.open(out / "color" / "x.png").size == (45, 30)
+
+
+def test_label_id_maps_are_found_and_read_by_cityscapesscripts(tmp_path):
+  """label_format=label_id: raw ids 0..33 (uint8) under a name the benchmark's evaluator pairs
+  with its ground truth (`getPrediction` matches `<city>_<seq>_<frame>*.png`)."""
+  from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+  from cityscapesscripts.helpers import labels as cs_labels
+  from pixcon_jax.data import cityscapes, classes
+  id_lut = classes.train_id_to_id_lut(cityscapes.CLASS_TABLE)
+  train_ids = np.arange(19, dtype=np.int32).reshape(1, 19).repeat(3, axis=0)
+  palette = np.zeros((19, 3), np.uint8)
+  stems = ["frankfurt_000000_000294_leftImg8bit", "frankfurt_000000_000576_leftImg8bit"]
+  for stem in stems:
+    predict.save_prediction(train_ids, palette, str(tmp_path / "out"), stem,
+                            id_lut=id_lut)
+  args = cs_eval.CArgs()
+  args.predictionPath, args.predictionWalk = str(tmp_path / "out" / "label"), None
+  gt = "/any/gtFine/val/frankfurt/frankfurt_000000_000576_gtFine_labelIds.png"
+  found = pathlib.Path(cs_eval.getPrediction(args, gt))
+  assert found.name == "frankfurt_000000_000576_labelIds.png"
+  ids = np.asarray(Image.open(found))
+  assert ids.dtype == np.uint8
+  by_train_id = {l.trainId: l.id for l in cs_labels.labels if 0 <= l.trainId < 255}
+  np.testing.assert_array_equal(ids[0], [by_train_id[t] for t in range(19)])
+  # The colour map keeps the input's stem and the train-id palette.
+  assert (tmp_path / "out" / "color" / f"{stems[1]}.png").is_file()
+
+
+def test_unknown_label_format_is_an_error_naming_the_key(tmp_path):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  config = ml_collections.ConfigDict(dict(predict=dict(
+      input_dir=str(inputs), output_dir=str(tmp_path / "out"), label_format="labelIds")))
+  with pytest.raises(ValueError, match=r"config.predict.label_format must be one of "
+                                       r"\['train_id', 'label_id'\], got 'labelIds'"):
+    predict.predict_folder(config, str(tmp_path / "work"))
+
+
+def _load_module(path: pathlib.Path, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_cityscapesscripts_evaluator_agrees_with_our_eval(tmp_path):
+  """Fake official zips -> our mode eval, and mode predict with label ids -> cityscapesscripts'
+  pixel-level evaluation of those files against the ground truth: same mIoU and per-class IoU.
+
+  The ground truth holds ignored ids (0, 4, 9) and lacks train, motorcycle and bus: a class
+  absent from both GT and prediction is NaN on both sides and left out of both means.
+  """
+  import copy
+  import zipfile
+  from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+  from pixcon_jax import data, evaluate, train
+  from pixcon_jax.data import cityscapes, classes
+  from pixcon_jax.data.prepare import prepare_dataset
+  fake = _load_module(REPO / "tests" / "test_data_cityscapes.py", "fake_cityscapes_zips")
+  h, w = 64, 128
+  rng = np.random.default_rng(0)
+  ids = np.array([0, 4, 9, 7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 33])
+
+  def example(stem):
+    blocks = rng.choice(ids, size=(h // 8, w // 8))
+    label = np.kron(blocks, np.ones((8, 8), np.int64)).astype(np.uint8)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return stem, fake._png(image), fake._png(label)
+
+  val = [example(s) for s in ("frankfurt_000000_000294", "frankfurt_000001_000058",
+                              "lindau_000000_000019")]
+  fake.write_fake_cityscapes(tmp_path / "manual", {
+      "train": [example("aachen_000000_000019")], "val": val,
+      "test": [example("berlin_000000_000019")]})
+  prepare_dataset("cityscapes", manual_dir=str(tmp_path / "manual"),
+                  data_dir=str(tmp_path / "tfds"))
+  root = tmp_path / "cityscapes"
+  with zipfile.ZipFile(tmp_path / "manual" / "gtFine_trainvaltest.zip") as z:
+    z.extractall(root)
+  images = tmp_path / "images"  # mode predict reads one flat folder
+  images.mkdir()
+  with zipfile.ZipFile(tmp_path / "manual" / "leftImg8bit_trainvaltest.zip") as z:
+    for name in z.namelist():
+      if name.startswith("leftImg8bit/val/"):
+        (images / pathlib.Path(name).name).write_bytes(z.read(name))
+
+  config = _load_module(REPO / "configs" / "cityscapes_hrnet.py", "cs_hrnet_config").get_config(
+      "runlocal")
+  config.model.overrides = ml_collections.ConfigDict(TINY)
+  config.model.proj_dim = 16
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.eval_pad_size = (h, w)
+  config.data.eval_batch_size = 2
+  config.eval.max_batches = None
+  variables = random_variables(train.build_model(config, train=False), seed=1)
+  ocp.PyTreeCheckpointer().save(str(tmp_path / "weights"), jax.tree.map(np.asarray, variables))
+  config.init_from = str(tmp_path / "weights")
+  config.init_from_scope = "full"
+  ours = evaluate.evaluate_checkpoint(config, str(tmp_path / "work"))
+  assert ours["num_images"] == 3
+
+  config.predict = ml_collections.ConfigDict(dict(
+      input_dir=str(images), output_dir=str(tmp_path / "pred"), label_format="label_id"))
+  predict.predict_folder(config, str(tmp_path / "work"))
+
+  args = copy.copy(cs_eval.args)
+  args.predictionPath, args.predictionWalk = str(tmp_path / "pred" / "label"), None
+  args.evalInstLevelScore = False  # needs *_instanceIds.png; not part of the class IoU
+  args.JSONOutput, args.quiet = False, True
+  gts = sorted(str(p) for p in root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+  assert len(gts) == 3
+  preds = [cs_eval.getPrediction(args, gt) for gt in gts]
+  result = cs_eval.evaluateImgLists(preds, gts, args)
+
+  # Their confusion matrix over label ids, on the evaluated classes, is ours over train ids.
+  record = json.loads((tmp_path / "work" / "eval_validation.json").read_text())
+  eval_ids = classes.train_id_to_id_lut(cityscapes.CLASS_TABLE)
+  their_cm = np.asarray(result["confMatrix"], np.int64)[np.ix_(eval_ids, eval_ids)]
+  np.testing.assert_array_equal(their_cm, np.asarray(record["confusion_matrix"]))
+  theirs = result["classScores"]  # by name; NaN for ignored classes and absent ones
+  names = data.get_dataset_info("cityscapes").class_names
+  for name in names:
+    a, b = ours[f"iou/{name}"], theirs[name]
+    assert np.isnan(a) == np.isnan(b), (name, a, b)
+    if not np.isnan(a):
+      assert abs(a - b) < 1e-6, (name, a, b)
+  assert abs(ours["miou"] - result["averageScoreClasses"]) < 1e-6
+  # The cases that need care occur: a class absent from both (NaN) and IoUs strictly in (0, 1).
+  ious = np.array([ours[f"iou/{n}"] for n in names])
+  assert np.isnan(ious).any() and ((ious > 0) & (ious < 1)).any()

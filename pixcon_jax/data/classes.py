@@ -60,6 +60,23 @@ def id_to_train_id_lut(table: Sequence[ClassEntry], unknown: int = IGNORE_LABEL)
   return lut
 
 
+def train_id_to_id_lut(table: Sequence[ClassEntry]) -> np.ndarray:
+  """The raw label id of every train id: [C] int64, lut[train_id] = id.
+
+  Raises:
+    ValueError when several ids share a train id (the raw id would be ambiguous).
+  """
+  ids: dict[int, int] = {}
+  for e in table:
+    if e.train_id == IGNORE_LABEL:
+      continue
+    if e.train_id in ids:
+      raise ValueError(f"train id {e.train_id} comes from ids {ids[e.train_id]} and {e.id}; "
+                       "cannot map predictions back to label ids")
+    ids[e.train_id] = e.id
+  return np.asarray([ids[i] for i in range(len(ids))], np.int64)
+
+
 def known_ids_mask(table: Sequence[ClassEntry]) -> np.ndarray:
   """[256] bool, True for ids listed in the table (used to count unknown label ids)."""
   mask = np.zeros((256,), dtype=bool)

@@ -69,7 +69,8 @@ def default_augment_config() -> ml_collections.ConfigDict:
     color_jitter: brightness/contrast/saturation jitter as in the paper's text, off by default.
     color_jitter_strength: factors drawn in [1 - s, 1 + s].
     normalize: 'imagenet' (mean/std of ImageNet, 0-255 scale) or 'none'.
-    bgr: feed channels in BGR order (the official PyTorch checkpoints were trained so).
+    bgr: feed channels in BGR order with the RGB statistics applied by position, exactly the
+      official input (cv2 BGR + Normalize); the official PyTorch checkpoints need it.
     pad_image_value: 'mean' (normalised 0) or 'zero' (black) for padded image pixels.
   """
   c = ml_collections.ConfigDict()

@@ -7,7 +7,8 @@ resize on uint8): on a 1024x2048 Cityscapes image with scale 2.0 we resize a 256
 of producing a 2048x4096 image and throwing 7/8 of it away. The sampling grid is exactly the one of
 "resize the whole image, then crop", because the box is expressed with the same scale factors.
 
-Images enter as uint8 [H, W, 3] RGB and leave as float32 [h, w, 3] normalised (RGB or BGR order);
+Images enter as uint8 [H, W, 3] RGB and leave as float32 [h, w, 3] normalised (RGB or BGR order;
+in BGR order the statistics are applied by position, as the official code does, see `normalize`);
 labels enter as uint8 train ids [H, W] (255 = ignore) and leave as int32 [h, w].
 """
 from __future__ import annotations
@@ -70,11 +71,18 @@ def _mean_std(cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize(image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
-  """uint8/float [h, w, 3] RGB on 0-255 -> float32 normalised, channels reversed when `cfg.bgr`."""
+  """uint8/float [h, w, 3] RGB on 0-255 -> float32 [h, w, 3] normalised.
+
+  With `cfg.bgr` the channels are reversed *before* normalising and the RGB statistics are
+  applied by position (channel 0, blue, gets R's mean and std): the official pipeline reads
+  BGR with OpenCV and its `Normalize` zips the channels with the RGB lists, so its
+  checkpoints were trained on exactly this input.
+  """
   mean, std = _mean_std(cfg)
-  out = (np.asarray(image, np.float32) - mean) * (1.0 / std)
-  # The official checkpoints were trained on BGR input (OpenCV); statistics follow the channels.
-  return np.ascontiguousarray(out[..., ::-1]) if cfg.bgr else out
+  image = np.asarray(image, np.float32)
+  if cfg.bgr:
+    image = image[..., ::-1]
+  return np.ascontiguousarray((image - mean) * (1.0 / std))
 
 
 def pad_value(cfg: AugmentConfig) -> np.ndarray:
@@ -183,11 +191,13 @@ def _normalize_lut(shift: float, cfg: AugmentConfig) -> np.ndarray:
 
 def _write_normalized(out: np.ndarray, image: np.ndarray, lut: np.ndarray, cfg: AugmentConfig
                       ) -> None:
-  """out[..., k] = lut[image[..., c], c] with c = k (RGB) or 2 - k (BGR): one table lookup per
-  channel replaces float conversion, shift, clip and normalisation (2x faster than arithmetic)."""
+  """out[..., k] = lut[image[..., c], k] with c = k (RGB) or 2 - k (BGR): one table lookup per
+  channel replaces float conversion, shift, clip and normalisation (2x faster than arithmetic).
+  The table column is the output position k, so in BGR the statistics go by position, as in
+  `normalize`."""
   for k in range(3):
     c = 2 - k if cfg.bgr else k
-    np.take(lut[:, c], image[..., c], out=out[..., k])
+    np.take(lut[:, k], image[..., c], out=out[..., k])
 
 
 def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *,

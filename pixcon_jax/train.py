@@ -8,6 +8,7 @@ mIoU), SIGTERM / preemption -> save and exit, exact resume, NaN/Inf stop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from clu import periodic_actions
 from pixcon_jax import checkpointing
 from pixcon_jax import data as data_lib
 from pixcon_jax import models
+from pixcon_jax import precision
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
 from pixcon_jax.models import conv as conv_lib
@@ -90,6 +92,8 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
   from pixcon_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   @jax.jit
+  @functools.partial(precision.with_matmul_precision,
+                     precision=precision.matmul_precision(config))
   def predict_fn(variables, image):
     logits = eval_model.apply(variables, image, train=False)["logits"]
     return layers.resize_bilinear(logits, image.shape[1:3])

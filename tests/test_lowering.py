@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_train_step import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from pixcon_jax import evaluate  # noqa: E402
+from pixcon_jax import precision  # noqa: E402
 from pixcon_jax import sharding  # noqa: E402
 from pixcon_jax import train  # noqa: E402
 from pixcon_jax import train_step as ts  # noqa: E402
@@ -125,3 +126,39 @@ def test_eval_step_lowered_for_accelerator_has_native_convs_only(platform, cpu_w
   assert counts[1]["case"] == 0, counts  # Inference has no data-dependent branch at all.
   assert counts[2]["convolution"] > counts[1]["convolution"] > 0
   assert counts[2]["dot_general"] == counts[1]["dot_general"], counts
+
+
+def _precisions(text: str, op: str) -> list[str]:
+  """The operand precisions of every `op` in a StableHLO text, e.g. ['HIGHEST HIGHEST', ...].
+
+  Convolutions print `precision_config = [#stablehlo<precision X>, ...]`, dot_generals
+  `precision = [X, Y]`; an op without either counts as 'DEFAULT DEFAULT'.
+  """
+  out = []
+  for line in re.findall(rf"stablehlo\.{op}\b[^\n]*", text):
+    m = re.search(r"precision(?:_config)? = \[([^\]]*)\]", line)
+    names = re.findall(r"(DEFAULT|HIGHEST|HIGH)\b", m.group(1)) if m else ["DEFAULT"] * 2
+    out.append(" ".join(names))
+  return out
+
+
+def test_matmul_precision_reaches_the_steps_lowered_for_tpu():
+  config = _config(1)
+  assert config.model.dtype == "float32" and config.model.matmul_precision is None
+  assert precision.matmul_precision(config) == "highest"
+  config.model.dtype = "bfloat16"
+  assert precision.matmul_precision(config) == "default"
+  config.model.dtype = "float32"
+  text, _ = lower_train_step(config, "tpu", "tpu")
+  eval_text = lower_eval_step(config, "tpu", "tpu")
+  for t in (text, eval_text):
+    convs = _precisions(t, "convolution")
+    assert convs and set(convs) == {"HIGHEST HIGHEST"}, set(convs)
+  dots = _precisions(text, "dot_general")
+  assert dots and set(dots) == {"HIGHEST HIGHEST"}, set(dots)
+  config.model.matmul_precision = "default"
+  text, _ = lower_train_step(config, "tpu", "tpu")
+  assert set(_precisions(text, "convolution")) == {"DEFAULT DEFAULT"}
+  config.model.matmul_precision = "fp32"
+  with pytest.raises(ValueError, match=r"config\.model\.matmul_precision='fp32'"):
+    lower_train_step(config, "tpu", "tpu")

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -86,10 +85,6 @@ def test_eigen_dot_flag_decisions(monkeypatch):
                   {"XLA_FLAGS": xla_cpu.EIGEN_DOTS},  # decided already
                   {"JAX_PLATFORMS": "tpu"}):  # no CPU compiles
     assert xla_cpu.eigen_dot_flags(environ) is None, environ
-  # Too late once a backend runs: XLA has read XLA_FLAGS.
-  jax.devices()
-  with pytest.raises(RuntimeError, match="before the first JAX computation"):
-    xla_cpu.use_eigen_dots({})
   environ = {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
   assert not xla_cpu.use_eigen_dots(environ) and environ == {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
 
@@ -111,3 +106,43 @@ def test_hugepage_environment_decisions():
       ({"JAX_PLATFORMS": "tpu"}, (2, 36), thp),  # host malloc is not the step's memory
   ):
     assert host_memory.hugepage_environment(environ, glibc=glibc, thp_setting=setting) is None
+
+
+def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
+  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  # A CUDA plugin is a module of the `jax_plugins` namespace package; TPUs need `libtpu`.
+  (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("raise ImportError\n")
+  (tmp_path / "libtpu").mkdir()
+  (tmp_path / "libtpu" / "__init__.py").write_text("raise ImportError\n")  # Never imported.
+  monkeypatch.syspath_prepend(str(tmp_path))
+  found = xla_cpu.installed_accelerator_plugins()
+  assert "xla_cuda12" in found and "libtpu" in found, found
+
+
+@pytest.mark.parametrize("plugins", [["xla_cuda12"], ["xla_cuda13"], ["libtpu"]])
+def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, monkeypatch):
+  from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  # A host where the restart would happen on the CPU: glibc 2.36 with madvise huge pages.
+  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(host_memory, "_thp_setting", lambda: "always [madvise] never\n")
+  restarts = []
+  monkeypatch.setattr(host_memory.os, "execve", lambda *a: restarts.append(a))
+
+  def run(environ, installed):
+    monkeypatch.setattr(xla_cpu, "installed_accelerator_plugins", lambda: installed)
+    monkeypatch.setattr(host_memory.os, "environ", environ)
+    restarts.clear()
+    changed = xla_cpu.use_eigen_dots(environ)
+    host_memory.reexec_with_hugepages(["python", "-m", "pixcon_jax.main"])
+    return changed, bool(restarts)
+
+  # JAX_PLATFORMS unset (the normal case on pods): the plugin's backend runs, nothing changes.
+  for environ in ({}, {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, {"JAX_PLATFORMS": "tpu,cpu"}):
+    before = dict(environ)
+    assert run(environ, plugins) == (False, False), environ
+    assert environ == before
+  # The same host forced onto the CPU, and a host without plugins, are tuned.
+  assert run({"JAX_PLATFORMS": "cpu"}, plugins) == (True, True)
+  assert run({}, []) == (True, True)

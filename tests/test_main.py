@@ -146,3 +146,53 @@ def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, mo
   # The same host forced onto the CPU, and a host without plugins, are tuned.
   assert run({"JAX_PLATFORMS": "cpu"}, plugins) == (True, True)
   assert run({}, []) == (True, True)
+
+
+SLURM_4 = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-4]", "SLURM_NTASKS": "4",
+           "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("environ,installed,mode", [
+    ({}, (), "single"),  # a workstation
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4"}, (), "single"),  # salloc shell, no job step
+    (SLURM_4, (), "auto"),
+    (dict(SLURM_4, SLURM_NTASKS="1"), (), "single"),
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911",
+      "OMPI_COMM_WORLD_SIZE": "8"}, (), "auto"),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3"}, ("libtpu",), "auto"),  # GKE pod
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, ("libtpu",), "auto"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, ("libtpu",), "auto"),  # multislice
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, ("libtpu",), "single"),  # one-host GKE TPU
+    ({}, ("libtpu",), "probe"),  # GCE TPU VM: only its metadata server knows
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1"}, (), "single"),  # no TPU runtime here
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}, ("kubernetes",),
+     "auto"),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, ("kubernetes",), "single"),  # a plain pod
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}, (), "single"),
+])
+def test_multihost_start_uses_jax_auto_detection_where_a_cluster_is(environ, installed, mode,
+                                                                   monkeypatch):
+  from pixcon_jax import multihost  # pylint: disable=g-import-not-at-top
+  for key in list(os.environ):
+    if key.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_")):
+      monkeypatch.delenv(key)
+  for key, value in environ.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setattr(multihost, "_installed", lambda package: package in installed)
+  calls = []
+
+  def fake_initialize(**kwargs):
+    calls.append(kwargs)
+    if mode == "probe" and not kwargs:  # What JAX raises on a TPU-runtime host outside any TPU VM.
+      raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(multihost.jax.distributed, "initialize", fake_initialize)
+  line = multihost.initialize()
+  assert calls == ([] if mode == "single" else [{}]), (calls, line)  # no arguments: JAX's own
+  assert line.startswith("single process" if mode in ("single", "probe") else
+                         "jax.distributed.initialize() auto-detected"), line
+  # Explicit flags win over any environment.
+  calls.clear()
+  line = multihost.initialize(coordinator_address="10.0.0.9:1234", num_processes=2, process_id=1)
+  assert calls == [dict(coordinator_address="10.0.0.9:1234", num_processes=2, process_id=1,
+                        local_device_ids=None)], line

@@ -19,9 +19,9 @@ They differ in speed and in float32 rounding only (about 1e-6 relative):
 `resolve_impl` fixes "auto" when a model is built, from the platform of the devices it is
 built for (the mesh's, not the default backend at trace time, so that a step lowered for TPU
 from a CPU host holds the TPU graph): the native op on GPU and TPU. On CPU "auto" stays, and
-`choose_impl` resolves it per conv from the static shapes and the dtype: for convs of at least `MATMUL_MIN_FLOPS`, Winograd for
-the 3x3 stride-1 convs of large maps and im2col for the rest, and the native op for the
-small convs, where compilation costs more than the run. XLA:CPU's native conv computes
+`choose_impl` resolves it per conv from the static shapes and the dtype: for convs of at
+least `MATMUL_MIN_FLOPS`, Winograd for the 3x3 stride-1 convs of large maps and im2col for
+the rest, and the native op for the small convs, where compilation costs more than the run. XLA:CPU's native conv computes
 weight gradients at 10-40 GFLOP/s on two cores where a matmul reaches ~100, runs 1x1 convs
 ~7x slower than a matmul, and its weight gradient transposes the input, into which XLA
 fuses the ops that produced it. Per conv shape: `scripts/bench_conv.py`; in the train

@@ -39,6 +39,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.model.name = model  # Registry name, see pixcon_jax.models.model_names().
   c.model.num_classes = num_classes  # C; checked against the dataset.
   c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params and BN stats stay float32).
+  c.model.matmul_precision = placeholder(str)  # default | high | highest; None: highest for float32 compute (TPU matmuls as float32, not bf16 passes), default for bfloat16 (pixcon_jax/precision.py).
   c.model.proj_dim = 256  # D of the projection head (Sec. 3.3).
   c.model.proj_type = "convmlp"  # Projection head: convmlp (paper) | linear.
   c.model.conv_impl = "auto"  # Conv algorithm: auto | xla | matmul | winograd (speed only, models/conv.py).

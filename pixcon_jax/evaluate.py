@@ -47,6 +47,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pixcon_jax import metrics as metrics_lib
+from pixcon_jax import precision as precision_lib
 from pixcon_jax import sharding as sharding_lib
 from pixcon_jax.models import layers
 
@@ -240,15 +241,19 @@ def predict_scores(apply_fn: ApplyFn, variables: Any, image: jax.Array, *,
   return total
 
 
-def logits_apply_fn(model: Any) -> ApplyFn:
+def logits_apply_fn(model: Any, *, matmul_precision: str | None = None) -> ApplyFn:
   """`(variables, image) -> logits` of a segmentation model in inference mode.
 
   Only the segmentation logits are kept; XLA removes the unused projection head.
+  `matmul_precision` (`precision.matmul_precision(config)`; None: JAX's default) is that of
+  every dot and conv of the model.
   """
   def apply_fn(variables, image):
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     return model.apply(variables, image, train=False)["logits"]
-  return apply_fn
+  if matmul_precision is None:
+    return apply_fn
+  return precision_lib.with_matmul_precision(apply_fn, matmul_precision)
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,7 +387,8 @@ def make_evaluator(config: Any, model: Any, mesh: Mesh | None = None, *,
   num_classes = int(config.model.num_classes)
   if class_names is None:
     class_names = _dataset_class_names(config, num_classes)
-  return Evaluator(logits_apply_fn(model), mesh, num_classes=num_classes,
+  apply_fn = logits_apply_fn(model, matmul_precision=precision_lib.matmul_precision(config))
+  return Evaluator(apply_fn, mesh, num_classes=num_classes,
                    settings=settings_from_config(config.eval), class_names=class_names)
 
 

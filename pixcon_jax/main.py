@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from pixcon_jax import host_memory
+from pixcon_jax import multihost
 from pixcon_jax import user_paths
 from pixcon_jax import xla_cpu
 
@@ -26,7 +27,8 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (`path.py` or `path.py:arg`).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and results.")
 flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for jax.distributed (multi-host without auto-detection).")
+                    "host:port of process 0 for jax.distributed, where JAX cannot detect the cluster "
+                    "(Cloud TPU, Slurm, Open MPI and Kubernetes indexed jobs are detected).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids (optional).")
@@ -41,24 +43,20 @@ flags.DEFINE_bool("eigen_dots", True,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _on_tpu_pod() -> bool:
-  """A multi-host TPU slice: jax.distributed can auto-detect the coordinator."""
-  return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) or bool(
-      os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+def maybe_initialize_distributed() -> str:
+  """Joins the processes of a multi-host run (explicit flags, or auto-detected by JAX).
 
-
-def maybe_initialize_distributed() -> None:
-  """Joins the processes of a multi-host run (explicit flags, or auto-detected on TPU pods)."""
+  Returns the line to log: what was found and done (`multihost.initialize`).
+  """
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
     ids = ([int(i) for i in FLAGS.local_device_ids.split(",")]
            if FLAGS.local_device_ids else None)
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                               local_device_ids=ids)
-  elif _on_tpu_pod():
-    jax.distributed.initialize()
+    return multihost.initialize(coordinator_address=FLAGS.coordinator_address,
+                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                                local_device_ids=ids)
+  return multihost.initialize()
 
 
 def main(argv):
@@ -69,11 +67,12 @@ def main(argv):
   if FLAGS.hugepages:
     # Before any backend starts: the process is replaced by the same command.
     host_memory.reexec_with_hugepages([sys.executable, "-m", "pixcon_jax.main", *sys.argv[1:]])
-  maybe_initialize_distributed()
+  joined = maybe_initialize_distributed()
   # Only process 0 logs at INFO; the others would repeat every line.
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").setLevel(std_logging.INFO)
+  logging.info("%s", joined)
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s); GLIBC_TUNABLES=%s; "
                "XLA_FLAGS=%s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,

@@ -34,6 +34,7 @@ from absl import logging
 from PIL import Image
 
 from pixcon_jax import evaluate
+from pixcon_jax import precision
 from pixcon_jax.data import classes
 from pixcon_jax.data import transforms
 
@@ -168,7 +169,8 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   # One device per process; the replicated copy already sits there.
   local = jax.tree.map(lambda x: x.addressable_data(0), variables)
   settings = evaluate.settings_from_config(config.eval)
-  predictor = make_predictor(evaluate.logits_apply_fn(exp.eval_model), settings)
+  predictor = make_predictor(evaluate.logits_apply_fn(
+      exp.eval_model, matmul_precision=precision.matmul_precision(config)), settings)
   augment = transforms.AugmentConfig.from_config(config.augment)
   palette = np.asarray(exp.info.palette, np.uint8)
   stems = output_names(names)

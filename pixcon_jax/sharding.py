@@ -27,6 +27,11 @@ def make_mesh(devices: Any = None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(-1), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ("cpu", "gpu", "tpu"): what models are built for."""
+  return mesh.devices.flat[0].platform
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding of the train state: a full copy on every device."""
   return NamedSharding(mesh, P())

@@ -8,6 +8,7 @@ mIoU), SIGTERM / preemption -> save and exit, exact resume, NaN/Inf stop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from clu import periodic_actions
 from pixcon_jax import checkpointing
 from pixcon_jax import data as data_lib
 from pixcon_jax import models
+from pixcon_jax import precision
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
 from pixcon_jax.models import conv as conv_lib
@@ -56,8 +58,12 @@ def num_train_images(config: ml_collections.ConfigDict, info: Any) -> int:
   return int(info.num_train_images)
 
 
-def build_model(config: ml_collections.ConfigDict, *, train: bool):
-  """The configured model; cross-replica BN over 'data' for training, running stats otherwise."""
+def build_model(config: ml_collections.ConfigDict, *, train: bool, platform: str | None = None):
+  """The configured model; cross-replica BN over 'data' for training, running stats otherwise.
+
+  `platform` is that of the devices it runs on (`sharding.mesh_platform`), None for the default
+  backend: it picks the conv algorithm of "auto" (`models.build_model`).
+  """
   overrides = dict(config.model.get("overrides", {}) or {})
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   overrides.setdefault("proj_dim", config.model.proj_dim)
@@ -66,7 +72,8 @@ def build_model(config: ml_collections.ConfigDict, *, train: bool):
       config.model.name, num_classes=config.model.num_classes, dtype=jnp.dtype(config.model.dtype),
       bn_axis_name=sharding.DATA_AXIS if train else None,
       conv_impl=conv_lib.check_impl(config.model.get("conv_impl", "auto"),
-                                    where="config.model.conv_impl"), **overrides)
+                                    where="config.model.conv_impl"),
+      platform=platform, **overrides)
 
 
 def setup(config: ml_collections.ConfigDict) -> Experiment:
@@ -80,16 +87,20 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     raise ValueError(f"config.data.eval_batch_size={config.data.eval_batch_size} must be a "
                      f"multiple of the process count {jax.process_count()}")
   mesh = sharding.make_mesh()
-  eval_model = build_model(config, train=False)
+  platform = sharding.mesh_platform(mesh)
+  eval_model = build_model(config, train=False, platform=platform)
   from pixcon_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   @jax.jit
+  @functools.partial(precision.with_matmul_precision,
+                     precision=precision.matmul_precision(config))
   def predict_fn(variables, image):
     logits = eval_model.apply(variables, image, train=False)["logits"]
     return layers.resize_bilinear(logits, image.shape[1:3])
 
   return Experiment(
-      config=config, mesh=mesh, info=info, train_model=build_model(config, train=True),
+      config=config, mesh=mesh, info=info,
+      train_model=build_model(config, train=True, platform=platform),
       eval_model=eval_model, tx=train_step_lib.make_optimizer(config),
       num_train_images=num_train_images(config, info), batch_per_process=per_process,
       batch_per_device=per_device, predict_fn=predict_fn)

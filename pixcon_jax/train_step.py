@@ -21,6 +21,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pixcon_jax import objective as objective_lib
+from pixcon_jax import precision as precision_lib
 from pixcon_jax import sharding
 
 PyTree = Any
@@ -156,7 +157,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   The returned step takes `batch` with `image [B, H, W, 3]`, `label [B, H, W]`, `image_id [B]`
   (global arrays, B = config.data.batch_size) and returns metrics (replicated scalars):
   `loss`, `ce_loss`, [`aux_ce_loss`], [`contrast_loss`, `contrast_weight`,
-  `valid_anchor_fraction`], `lr`, `grad_norm`.
+  `valid_anchor_fraction`], `lr`, `grad_norm`. Its dots and convs run at
+  `config.model.matmul_precision` (`precision.py`).
   """
   axis = sharding.DATA_AXIS
   num_classes = num_classes or config.model.num_classes
@@ -209,5 +211,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                               opt_state=opt_state, memory=memory)
     return new_state, metrics
 
+  step_fn = precision_lib.with_matmul_precision(step_fn, precision_lib.matmul_precision(config))
   sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=(0,) if donate else ())

@@ -9,33 +9,67 @@ reductions (BN statistics), where it beats XLA's own loops: with every YNNPACK f
 step took 7.0 s. `scripts/bench_train.py --noeigen_dots` measures the default.
 
 XLA reads XLA_FLAGS once, when the first backend starts, so `use_eigen_dots` runs before
-that; `eigen_dot_flags` is the pure decision. GPU and TPU compiles ignore the flag.
+that; `eigen_dot_flags` is the pure decision. Both this flag and the huge-page restart
+(`host_memory.py`) engage only when the run computes on the CPU (`runs_on_cpu`): a GPU or TPU
+host keeps its XLA_FLAGS and its process, since an XLA build that does not know the flag
+aborts, and host malloc is not where an accelerator step keeps its memory.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
-from typing import Mapping, MutableMapping
+import pkgutil
+from typing import Mapping, MutableMapping, Sequence
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_DOTS = f"{YNN_FUSION_FLAG}=-individual_dot"
 
 
-def compiles_for_cpu(environ: Mapping[str, str]) -> bool:
-  """Whether JAX may run on the CPU: JAX_PLATFORMS unset, or a list that names "cpu"."""
-  platforms = environ.get("JAX_PLATFORMS", "")
-  return not platforms or "cpu" in platforms.split(",")
+def installed_accelerator_plugins() -> list[str]:
+  """The GPU/TPU backends JAX would load here, found as JAX finds them, without importing them.
+
+  Returns:
+    names of `jax_plugins` entry points and `jax_plugins.*` modules (the CUDA and ROCm plugins,
+    e.g. "xla_cuda12"), plus "libtpu" when the TPU runtime package is installed.
+  """
+  names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and spec.submodule_search_locations:
+    names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+  if importlib.util.find_spec("libtpu") is not None:
+    names.append("libtpu")
+  return sorted(set(names))
 
 
-def eigen_dot_flags(environ: Mapping[str, str]) -> str | None:
+def runs_on_cpu(environ: Mapping[str, str], accelerator_plugins: Sequence[str]) -> bool:
+  """Whether JAX's default backend will be the CPU.
+
+  Args:
+    environ: the current environment (JAX_PLATFORMS).
+    accelerator_plugins: `installed_accelerator_plugins()`.
+  Returns:
+    True when JAX_PLATFORMS starts with "cpu", or is unset and no GPU/TPU plugin is installed
+    (with one, JAX prefers that backend; a GPU host without a usable GPU is not tuned either).
+  """
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return platforms[0] == "cpu"
+  return not accelerator_plugins
+
+
+def eigen_dot_flags(environ: Mapping[str, str],
+                    accelerator_plugins: Sequence[str] = ()) -> str | None:
   """The XLA_FLAGS value with dots on Eigen, or None to leave the environment as it is.
 
   Args:
     environ: the current environment.
+    accelerator_plugins: `installed_accelerator_plugins()`.
   Returns:
     XLA_FLAGS plus `EIGEN_DOTS`, or None when XLA_FLAGS already sets the YNNPACK fusion
-    types (the user's choice, or an earlier call) or JAX_PLATFORMS leaves out the CPU.
+    types (the user's choice, or an earlier call) or the run is not on the CPU (`runs_on_cpu`).
   """
-  if not compiles_for_cpu(environ):
+  if not runs_on_cpu(environ, accelerator_plugins):
     return None
   flags = environ.get("XLA_FLAGS", "")
   if YNN_FUSION_FLAG in flags:
@@ -46,15 +80,10 @@ def eigen_dot_flags(environ: Mapping[str, str]) -> str | None:
 def use_eigen_dots(environ: MutableMapping[str, str] = os.environ) -> bool:
   """Sets XLA_FLAGS in `environ` so that XLA:CPU runs dots on Eigen; returns whether it did.
 
-  Raises:
-    RuntimeError: a JAX backend has started already, so the flag would not take effect.
+  Call it before the first JAX computation: XLA reads XLA_FLAGS when its backend starts.
   """
-  value = eigen_dot_flags(environ)
+  value = eigen_dot_flags(environ, installed_accelerator_plugins())
   if value is None:
     return False
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
-    raise RuntimeError("use_eigen_dots() must run before the first JAX computation: XLA reads "
-                       "XLA_FLAGS when its backend starts")
   environ["XLA_FLAGS"] = value
   return True

@@ -151,3 +151,21 @@ def test_conv_impl_reaches_every_conv_of_a_model(name, quick_jit):
 def test_unknown_conv_impl_is_refused_by_name():
   with pytest.raises(ValueError, match="conv_impl='direct'"):
     models.build_model("hrnet_w18", num_classes=3, conv_impl="direct")
+
+
+def test_auto_follows_the_platform_the_model_is_built_for_not_the_default_backend():
+  # A step lowered for TPU from a CPU host must hold the TPU graph: native convs, no barriers.
+  tiny = dict(widths=(4, 8, 16, 32), stage_modules=(1, 1, 1), num_blocks=1, stem_width=8,
+              layer1_planes=4, layer1_blocks=1, proj_dim=8)
+  image = jnp.zeros((1, 16, 16, 3), jnp.float32)
+  build = lambda **kw: models.build_model("hrnet_w18_contrast", num_classes=3, **tiny, **kw)
+  assert build(platform="tpu").conv_impl == "xla"
+  assert build(platform="gpu").conv_impl == "xla"
+  assert build(platform="cpu").conv_impl == "auto"
+  assert build(platform="tpu", conv_impl="matmul").conv_impl == "matmul"  # Explicit wins.
+  variables = jax.eval_shape(lambda: build(platform="tpu").init(jax.random.PRNGKey(0), image,
+                                                                train=False))
+  jaxprs = {p: str(jax.make_jaxpr(lambda v, x, m=build(platform=p): m.apply(v, x, train=False))(
+      variables, image)) for p in ("cpu", "tpu")}
+  assert "cond[" in jaxprs["cpu"]  # layers.fusion_barrier, on CPU only.
+  assert "cond[" not in jaxprs["tpu"]

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -86,10 +85,6 @@ def test_eigen_dot_flag_decisions(monkeypatch):
                   {"XLA_FLAGS": xla_cpu.EIGEN_DOTS},  # decided already
                   {"JAX_PLATFORMS": "tpu"}):  # no CPU compiles
     assert xla_cpu.eigen_dot_flags(environ) is None, environ
-  # Too late once a backend runs: XLA has read XLA_FLAGS.
-  jax.devices()
-  with pytest.raises(RuntimeError, match="before the first JAX computation"):
-    xla_cpu.use_eigen_dots({})
   environ = {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
   assert not xla_cpu.use_eigen_dots(environ) and environ == {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
 
@@ -111,3 +106,93 @@ def test_hugepage_environment_decisions():
       ({"JAX_PLATFORMS": "tpu"}, (2, 36), thp),  # host malloc is not the step's memory
   ):
     assert host_memory.hugepage_environment(environ, glibc=glibc, thp_setting=setting) is None
+
+
+def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
+  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  # A CUDA plugin is a module of the `jax_plugins` namespace package; TPUs need `libtpu`.
+  (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("raise ImportError\n")
+  (tmp_path / "libtpu").mkdir()
+  (tmp_path / "libtpu" / "__init__.py").write_text("raise ImportError\n")  # Never imported.
+  monkeypatch.syspath_prepend(str(tmp_path))
+  found = xla_cpu.installed_accelerator_plugins()
+  assert "xla_cuda12" in found and "libtpu" in found, found
+
+
+@pytest.mark.parametrize("plugins", [["xla_cuda12"], ["xla_cuda13"], ["libtpu"]])
+def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, monkeypatch):
+  from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  # A host where the restart would happen on the CPU: glibc 2.36 with madvise huge pages.
+  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(host_memory, "_thp_setting", lambda: "always [madvise] never\n")
+  restarts = []
+  monkeypatch.setattr(host_memory.os, "execve", lambda *a: restarts.append(a))
+
+  def run(environ, installed):
+    monkeypatch.setattr(xla_cpu, "installed_accelerator_plugins", lambda: installed)
+    monkeypatch.setattr(host_memory.os, "environ", environ)
+    restarts.clear()
+    changed = xla_cpu.use_eigen_dots(environ)
+    host_memory.reexec_with_hugepages(["python", "-m", "pixcon_jax.main"])
+    return changed, bool(restarts)
+
+  # JAX_PLATFORMS unset (the normal case on pods): the plugin's backend runs, nothing changes.
+  for environ in ({}, {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, {"JAX_PLATFORMS": "tpu,cpu"}):
+    before = dict(environ)
+    assert run(environ, plugins) == (False, False), environ
+    assert environ == before
+  # The same host forced onto the CPU, and a host without plugins, are tuned.
+  assert run({"JAX_PLATFORMS": "cpu"}, plugins) == (True, True)
+  assert run({}, []) == (True, True)
+
+
+SLURM_4 = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-4]", "SLURM_NTASKS": "4",
+           "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("environ,installed,mode", [
+    ({}, (), "single"),  # a workstation
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4"}, (), "single"),  # salloc shell, no job step
+    (SLURM_4, (), "auto"),
+    (dict(SLURM_4, SLURM_NTASKS="1"), (), "single"),
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911",
+      "OMPI_COMM_WORLD_SIZE": "8"}, (), "auto"),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3"}, ("libtpu",), "auto"),  # GKE pod
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, ("libtpu",), "auto"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, ("libtpu",), "auto"),  # multislice
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, ("libtpu",), "single"),  # one-host GKE TPU
+    ({}, ("libtpu",), "probe"),  # GCE TPU VM: only its metadata server knows
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1"}, (), "single"),  # no TPU runtime here
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}, ("kubernetes",),
+     "auto"),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, ("kubernetes",), "single"),  # a plain pod
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}, (), "single"),
+])
+def test_multihost_start_uses_jax_auto_detection_where_a_cluster_is(environ, installed, mode,
+                                                                   monkeypatch):
+  from pixcon_jax import multihost  # pylint: disable=g-import-not-at-top
+  for key in list(os.environ):
+    if key.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JOB_")):
+      monkeypatch.delenv(key)
+  for key, value in environ.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setattr(multihost, "_installed", lambda package: package in installed)
+  calls = []
+
+  def fake_initialize(**kwargs):
+    calls.append(kwargs)
+    if mode == "probe" and not kwargs:  # What JAX raises on a TPU-runtime host outside any TPU VM.
+      raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(multihost.jax.distributed, "initialize", fake_initialize)
+  line = multihost.initialize()
+  assert calls == ([] if mode == "single" else [{}]), (calls, line)  # no arguments: JAX's own
+  assert line.startswith("single process" if mode in ("single", "probe") else
+                         "jax.distributed.initialize() auto-detected"), line
+  # Explicit flags win over any environment.
+  calls.clear()
+  line = multihost.initialize(coordinator_address="10.0.0.9:1234", num_processes=2, process_id=1)
+  assert calls == [dict(coordinator_address="10.0.0.9:1234", num_processes=2, process_id=1,
+                        local_device_ids=None)], line

@@ -89,3 +89,27 @@ def test_clu_confusion_matrix_metric_merges():
     m = m.merge(metrics.ConfusionMatrix.from_model_output(
         prediction=jnp.asarray(pred[i:i + 1]), label=jnp.asarray(label[i:i + 1]), num_classes=5))
   np.testing.assert_array_equal(m.compute(), metrics.confusion_matrix_numpy(pred, label, 5))
+
+
+def _bincount_reference(pred, label, c, valid):
+  """cm[g, p] straight from numpy's bincount over the counted pixels."""
+  keep = (label < c) & valid[:, None, None]
+  return np.bincount(label[keep] * c + pred[keep], minlength=c * c).reshape(c, c)
+
+
+@pytest.mark.parametrize("chunk", [metrics.EXACT_CHUNK, 7])
+def test_confusion_matrix_is_a_matmul_equal_to_bincount(chunk, monkeypatch):
+  # chunk=7: several partial matmuls, the last one padded (3 * 13 * 17 = 663 pixels).
+  monkeypatch.setattr(metrics, "EXACT_CHUNK", chunk)
+  import jax  # pylint: disable=g-import-not-at-top
+  c = 6
+  pred, label, valid = _random_case(seed=3, b=3, h=13, w=17, c=c)
+  label[0, 0, :4] = [0, 255, 7, 200]  # Ignore and other out-of-range labels.
+  cm_fn = jax.jit(lambda p, l, v: metrics.confusion_matrix(p, l, c, v[:, None, None]))
+  args = (jnp.asarray(pred), jnp.asarray(label), jnp.asarray(valid))
+  cm = np.asarray(cm_fn(*args))
+  assert cm.dtype == np.int32
+  np.testing.assert_array_equal(cm, _bincount_reference(pred, label, c, valid))
+  # No scatter in the graph: TPUs serialise a scatter-add of every pixel.
+  text = cm_fn.lower(*args).as_text()
+  assert "dot_general" in text and "scatter" not in text

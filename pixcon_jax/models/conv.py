@@ -16,10 +16,12 @@ They differ in speed and in float32 rounding only (about 1e-6 relative):
   back to 2x2 output tiles. It needs 16/36 of the multiplications of the direct
   conv, and its gradient is again Winograd-shaped for both the input and the kernel.
 
-`choose_impl` resolves "auto" from the static shapes, the dtype and the backend: the
-native op on GPU and TPU; on CPU, for convs of at least `MATMUL_MIN_FLOPS`, Winograd for
-the 3x3 stride-1 convs of large maps and im2col for the rest, and the native op for the
-small convs, where compilation costs more than the run. XLA:CPU's native conv computes
+`resolve_impl` fixes "auto" when a model is built, from the platform of the devices it is
+built for (the mesh's, not the default backend at trace time, so that a step lowered for TPU
+from a CPU host holds the TPU graph): the native op on GPU and TPU. On CPU "auto" stays, and
+`choose_impl` resolves it per conv from the static shapes and the dtype: for convs of at
+least `MATMUL_MIN_FLOPS`, Winograd for the 3x3 stride-1 convs of large maps and im2col for
+the rest, and the native op for the small convs, where compilation costs more than the run. XLA:CPU's native conv computes
 weight gradients at 10-40 GFLOP/s on two cores where a matmul reaches ~100, runs 1x1 convs
 ~7x slower than a matmul, and its weight gradient transposes the input, into which XLA
 fuses the ops that produced it. Per conv shape: `scripts/bench_conv.py`; in the train
@@ -72,6 +74,15 @@ def check_impl(impl: str, *, where: str = "conv_impl") -> str:
   if impl not in IMPLS:
     raise ValueError(f"{where}={impl!r}: expected one of {IMPLS}")
   return impl
+
+
+def resolve_impl(impl: str, platform: str) -> str:
+  """The algorithm a model built for `platform` ("cpu", "gpu", "tpu", ...) runs.
+
+  Returns "xla" for "auto" off the CPU, else `impl` ("auto" on CPU: `choose_impl` per conv).
+  """
+  check_impl(impl)
+  return "xla" if impl == "auto" and platform != "cpu" else impl
 
 
 def winograd_applies(kernel_shape: Sequence[int], stride: int, dilation: int) -> bool:
@@ -280,15 +291,15 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     x: [B, H, W, Cin].
     kernel: [kh, kw, Cin, Cout], same dtype as x.
     stride, padding, dilation: as in PyTorch (symmetric zero padding).
-    impl: "auto" (see `choose_impl`), "xla", "matmul" or "winograd" (3x3, stride 1,
-      undilated only).
+    impl: "auto" (the CPU choice of `choose_impl`; `resolve_impl` turns it into "xla" for
+      GPU and TPU), "xla", "matmul" or "winograd" (3x3, stride 1, undilated only).
   Returns:
     [B, Ho, Wo, Cout], Ho = `output_size(H, kh, stride, padding, dilation)`.
   """
   check_impl(impl, where="impl")
   if impl == "auto":
     impl = choose_impl(x.shape, kernel.shape, stride=stride, padding=padding,
-                       dilation=dilation, dtype=x.dtype, backend=jax.default_backend())
+                       dilation=dilation, dtype=x.dtype, backend="cpu")
   if impl == "xla":
     return _conv_xla(x, kernel, stride, padding, dilation, precision)
   if impl == "matmul":
@@ -307,7 +318,7 @@ class Conv(nn.Module):
     kernel_size: k (square kernels).
     stride, padding, dilation: as in PyTorch.
     use_bias: add a learned bias.
-    impl: see `conv2d`; "winograd" falls back to "matmul" where F(2x2, 3x3) does not apply,
+    impl: see `conv2d` ("auto" is the CPU choice); "winograd" falls back to "matmul" where F(2x2, 3x3) does not apply,
       so that one value can be set for a whole network.
     dtype: compute dtype (inputs and kernel are cast to it); parameters are float32.
     kernel_init: initialiser of the kernel.

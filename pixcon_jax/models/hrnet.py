@@ -102,7 +102,7 @@ class Bottleneck(nn.Module):
     if self.stride != 1 or x.shape[-1] != out_features:
       x = ConvBN(out_features, 1, self.stride, relu=False, bn_axis_name=self.bn_axis_name,
                  dtype=self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
-    return layers.fusion_barrier(nn.relu(y + x))
+    return layers.fusion_barrier(nn.relu(y + x), self.conv_impl)
 
 
 class BasicBlock(nn.Module):
@@ -127,7 +127,7 @@ class BasicBlock(nn.Module):
     if self.stride != 1 or x.shape[-1] != self.planes:
       x = ConvBN(self.planes, 1, self.stride, relu=False, bn_axis_name=self.bn_axis_name,
                  dtype=self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
-    return layers.fusion_barrier(nn.relu(y + x))
+    return layers.fusion_barrier(nn.relu(y + x), self.conv_impl)
 
 
 class Blocks(nn.Module):
@@ -247,7 +247,7 @@ class FuseRow(nn.Module):
         z = DownChain(steps, last_relu=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                       conv_impl=self.conv_impl, name=str(j))(x, train)
       y = z if y is None else y + z
-    return layers.fusion_barrier(nn.relu(y))
+    return layers.fusion_barrier(nn.relu(y), self.conv_impl)
 
 
 class FuseLayers(nn.Module):

@@ -112,8 +112,8 @@ class BNReLU(nn.Module):
     return nn.relu(x)
 
 
-def fusion_barrier(x: jax.Array) -> jax.Array:
-  """x, materialised: on CPU, XLA may not fuse the ops before it into the ops after it.
+def fusion_barrier(x: jax.Array, conv_impl: str) -> jax.Array:
+  """x, materialised for XLA:CPU: XLA may not fuse the ops before it into the ops after it.
 
   Put on the outputs of residual blocks and branch fusions. XLA:CPU duplicates cheap
   elementwise producers into every consumer fusion, and a residual path is one long
@@ -123,9 +123,16 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
   is a conditional, which XLA never fuses across, on a predicate it cannot fold: `x[0] == x[0]`.
   Its other branch only runs when x[0] is NaN and makes all of x NaN (a NaN loss stops the
   run either way). One extra copy of x, about a millisecond for an HRNet-W48 feature map.
-  Other backends fuse well and get x unchanged.
+
+  Args:
+    x: any array.
+    conv_impl: the model's resolved conv algorithm (`conv.resolve_impl`). "xla", the choice of
+      models built for GPU and TPU (which fuse well), returns x unchanged; an explicit "xla" on
+      CPU gets no barrier either: one value, set where the model is built, picks the graph.
+  Returns:
+    x (same shape and dtype).
   """
-  if jax.default_backend() != "cpu":
+  if conv_impl == "xla":
     return x
   first = x.reshape(-1)[0]
   return lax.cond(first == first, lambda v: v, lambda v: v * jnp.nan, x)

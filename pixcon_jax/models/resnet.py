@@ -194,7 +194,7 @@ class Bottleneck(nn.Module):
     if self.downsample:
       x = Downsample(self.planes * EXPANSION, self.stride, self.avg_down, self.bn_axis_name,
                      self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
-    return layers.fusion_barrier(nn.relu(y + x))
+    return layers.fusion_barrier(nn.relu(y + x), self.conv_impl)
 
 
 class ResLayer(nn.Module):

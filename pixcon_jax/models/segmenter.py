@@ -242,7 +242,7 @@ def model_names() -> list[str]:
 
 def build_model(name: str, *, num_classes: int, dtype: Dtype = jnp.float32,
                 bn_axis_name: str | None = None, conv_impl: str = "auto",
-                **overrides: Any) -> nn.Module:
+                platform: str | None = None, **overrides: Any) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -252,6 +252,9 @@ def build_model(name: str, *, num_classes: int, dtype: Dtype = jnp.float32,
     bn_axis_name: mesh axis for cross-replica BN in training (inside shard_map), or None.
     conv_impl: convolution algorithm, "auto" | "xla" | "matmul" | "winograd" (`models.conv`);
       it changes speed and float32 rounding only.
+    platform: the platform the model will run on ("cpu", "gpu", "tpu"; the mesh's
+      `devices.flat[0].platform`), which fixes "auto" and the CPU-only graph tricks
+      (`conv.resolve_impl`); None: `jax.default_backend()`, now.
     **overrides: architecture overrides, e.g. HRNet `widths=(8, 16, 32, 64)`,
       `stage_modules=(1, 1, 1)`, `num_blocks=1`, `stem_width`, `layer1_planes`, `layer1_blocks`;
       ResNet `stage_depths`, `width`, `stem_width`, `output_stride`; heads `proj_dim`,
@@ -265,7 +268,7 @@ def build_model(name: str, *, num_classes: int, dtype: Dtype = jnp.float32,
   if isinstance(builder, str):
     module, fn = builder.split(":")
     builder = getattr(importlib.import_module(module), fn)
-  conv_lib.check_impl(conv_impl)
+  conv_impl = conv_lib.resolve_impl(conv_impl, platform or jax.default_backend())
   return builder(num_classes=num_classes, dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name,
                  conv_impl=conv_impl, **fixed, **overrides)
 
@@ -288,16 +291,18 @@ _BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_backbone(name: str, *, dtype: Dtype = jnp.float32, bn_axis_name: str | None = None,
-                   conv_impl: str = "auto", **overrides: Any) -> nn.Module:
+                   conv_impl: str = "auto", platform: str | None = None,
+                   **overrides: Any) -> nn.Module:
   """A backbone alone by its official name ("hrnet48", "deepbase_resnet101_dilated8", ...).
 
   Its `__call__(image, train)` returns the list of feature maps; its variables have no
-  "backbone" level (they are what sits under `BACKBONE_PREFIX` in a full model).
+  "backbone" level (they are what sits under `BACKBONE_PREFIX` in a full model). `conv_impl`
+  and `platform` as in `build_model`.
   """
   if name not in _BACKBONES:
     raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_BACKBONES)}")
   overrides = dict(overrides)
-  conv_lib.check_impl(conv_impl)
+  conv_impl = conv_lib.resolve_impl(conv_impl, platform or jax.default_backend())
   module = _BACKBONES[name](dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name,
                             conv_impl=conv_impl, overrides=overrides)
   _check_empty(name, overrides)

@@ -1,0 +1,164 @@
+"""The train and eval steps lowered for TPU and GPU from this CPU host hold the accelerator graph.
+
+`jax.jit(...).trace(...).lower(lowering_platforms=(p,))` emits the StableHLO a TPU or GPU
+would compile, without one. The CPU-only constructs of the models (im2col / Winograd matmuls in
+place of convolutions, `layers.fusion_barrier`'s conditionals) are chosen when a model is built,
+from the platform it is built for (`conv.resolve_impl`); here they must be absent.
+
+A construct of the model is repeated once per residual block, one of the loss or the head is
+not: so each step is lowered for two depths (`num_blocks` 1 and 2) and the counts of `case` and
+`dot_general` ops must not grow with depth, while the `convolution` count must. The runlocal
+model's convs are below `conv.MATMUL_MIN_FLOPS`, where even the CPU keeps the native op, so the
+threshold is lowered to 0: every conv of a model built for the CPU would then be a matmul.
+"""
+import pathlib
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from test_train_step import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from pixcon_jax import evaluate  # noqa: E402
+from pixcon_jax import precision  # noqa: E402
+from pixcon_jax import sharding  # noqa: E402
+from pixcon_jax import train  # noqa: E402
+from pixcon_jax import train_step as ts  # noqa: E402
+from pixcon_jax.models import conv  # noqa: E402
+
+# Lowering platform -> the device platform a model for it is built for.
+ACCELERATORS = {"tpu": "tpu", "cuda": "gpu"}
+# A host callback would stall every step on the host (and fail on a remote TPU worker).
+HOST_CALLBACK = re.compile(r"callback|xla_python|host_callback|python_cpu", re.IGNORECASE)
+
+
+def _config(num_blocks: int):
+  config = tiny_config("paper")  # runlocal HRNet, contrast with pixel + region memory.
+  config.data.batch_size = 2
+  config.model.overrides.num_blocks = num_blocks
+  return config
+
+
+def _spec(mesh, shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.data_sharded(mesh))
+
+
+def lower_train_step(config, platform: str, device_platform: str) -> tuple[str, int]:
+  """(StableHLO text of the train step lowered for `platform`, number of conv kernels)."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = train.build_model(config, train=True, platform=device_platform)
+  tx = ts.make_optimizer(config)
+  h, w = config.data.crop_size
+  b = config.data.batch_size
+  state = ts.abstract_train_state(config, model, tx, mesh, image_shape=(h, w, 3),
+                                  num_classes=config.model.num_classes, num_train_images=16)
+  assert state.memory is not None, "the memory bank should be on"
+  batch = {"image": _spec(mesh, (b, h, w, 3), jnp.float32),
+           "label": _spec(mesh, (b, h, w), jnp.int32),
+           "image_id": _spec(mesh, (b,), jnp.int32)}
+  step = ts.make_train_step(config, model, tx, mesh)
+  text = step.trace(state, batch).lower(lowering_platforms=(platform,)).as_text()
+  kernels = sum(1 for p in jax.tree.leaves(state.params) if p.ndim == 4)
+  return text, kernels
+
+
+def lower_eval_step(config, platform: str, device_platform: str) -> str:
+  """StableHLO text of the eval steps (scores at scale 1, then the confusion matrix)."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = train.build_model(config, train=False, platform=device_platform)
+  h, w = config.data.crop_size
+  b = config.data.batch_size
+  c = config.model.num_classes
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),
+                                                train=False))
+  evaluator = evaluate.make_evaluator(config, model, mesh, class_names=[str(i) for i in range(c)])
+  image, scores = _spec(mesh, (b, h, w, 3), jnp.float32), _spec(mesh, (b, h, w, c), jnp.float32)
+  (scale_step,) = evaluator._scale_steps.values()  # pylint: disable=protected-access
+  texts = [scale_step.trace(variables, image, scores).lower(lowering_platforms=(platform,))]
+  texts.append(evaluator._finish.trace(  # pylint: disable=protected-access
+      scores, _spec(mesh, (b, h, w), jnp.int32), _spec(mesh, (b,), jnp.bool_)).lower(
+          lowering_platforms=(platform,)))
+  return "\n".join(t.as_text() for t in texts)
+
+
+def op_counts(text: str) -> dict[str, int]:
+  return {op: len(re.findall(rf"\bstablehlo\.{op}\b", text))
+          for op in ("convolution", "case", "dot_general")}
+
+
+@pytest.fixture
+def cpu_would_use_matmuls(monkeypatch):
+  monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
+  # The same model built for the CPU has no native conv left: the criterion can tell them apart.
+  x, kernel = (2, 32, 32, 16), (3, 3, 16, 16)
+  assert conv.choose_impl(x, kernel, stride=1, padding=1, dilation=1, dtype=jnp.float32,
+                          backend="cpu") != "xla"
+
+
+@pytest.mark.parametrize("platform", sorted(ACCELERATORS))
+def test_train_step_lowered_for_accelerator_has_native_convs_only(platform,
+                                                                  cpu_would_use_matmuls):
+  counts = {}
+  for depth in (1, 2):
+    text, kernels = lower_train_step(_config(depth), platform, ACCELERATORS[platform])
+    counts[depth] = op_counts(text)
+    # Forward, input gradient and weight gradient of every conv are native (the first conv
+    # has no input gradient): at least forward + weight gradient per kernel.
+    assert counts[depth]["convolution"] >= 2 * kernels, (depth, counts[depth], kernels)
+    assert not HOST_CALLBACK.search(text), HOST_CALLBACK.search(text).group(0)
+  print(platform, counts)
+  assert counts[2]["convolution"] > counts[1]["convolution"]
+  for op in ("case", "dot_general"):
+    assert counts[2][op] == counts[1][op], f"{op} grows with depth: {counts}"
+
+
+@pytest.mark.parametrize("platform", sorted(ACCELERATORS))
+def test_eval_step_lowered_for_accelerator_has_native_convs_only(platform, cpu_would_use_matmuls):
+  counts = {}
+  for depth in (1, 2):
+    text = lower_eval_step(_config(depth), platform, ACCELERATORS[platform])
+    counts[depth] = op_counts(text)
+    assert not HOST_CALLBACK.search(text), HOST_CALLBACK.search(text).group(0)
+  print(platform, counts)
+  assert counts[1]["case"] == 0, counts  # Inference has no data-dependent branch at all.
+  assert counts[2]["convolution"] > counts[1]["convolution"] > 0
+  assert counts[2]["dot_general"] == counts[1]["dot_general"], counts
+
+
+def _precisions(text: str, op: str) -> list[str]:
+  """The operand precisions of every `op` in a StableHLO text, e.g. ['HIGHEST HIGHEST', ...].
+
+  Convolutions print `precision_config = [#stablehlo<precision X>, ...]`, dot_generals
+  `precision = [X, Y]`; an op without either counts as 'DEFAULT DEFAULT'.
+  """
+  out = []
+  for line in re.findall(rf"stablehlo\.{op}\b[^\n]*", text):
+    m = re.search(r"precision(?:_config)? = \[([^\]]*)\]", line)
+    names = re.findall(r"(DEFAULT|HIGHEST|HIGH)\b", m.group(1)) if m else ["DEFAULT"] * 2
+    out.append(" ".join(names))
+  return out
+
+
+def test_matmul_precision_reaches_the_steps_lowered_for_tpu():
+  config = _config(1)
+  assert config.model.dtype == "float32" and config.model.matmul_precision is None
+  assert precision.matmul_precision(config) == "highest"
+  config.model.dtype = "bfloat16"
+  assert precision.matmul_precision(config) == "default"
+  config.model.dtype = "float32"
+  text, _ = lower_train_step(config, "tpu", "tpu")
+  eval_text = lower_eval_step(config, "tpu", "tpu")
+  for t in (text, eval_text):
+    convs = _precisions(t, "convolution")
+    assert convs and set(convs) == {"HIGHEST HIGHEST"}, set(convs)
+  dots = _precisions(text, "dot_general")
+  assert dots and set(dots) == {"HIGHEST HIGHEST"}, set(dots)
+  config.model.matmul_precision = "default"
+  text, _ = lower_train_step(config, "tpu", "tpu")
+  assert set(_precisions(text, "convolution")) == {"DEFAULT DEFAULT"}
+  config.model.matmul_precision = "fp32"
+  with pytest.raises(ValueError, match=r"config\.model\.matmul_precision='fp32'"):
+    lower_train_step(config, "tpu", "tpu")

@@ -78,6 +78,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.contrast.recipe = "paper"  # paper (Eq. 3 with memory) | official (released code).
   c.contrast.weight = 1.0  # lambda of Eq. 4.
   c.contrast.warmup_steps = 0  # lambda = 0 before this step.
+  c.contrast.hard_mining_ramp_steps = 0  # Semi-hard top fraction 1 -> semi_hard_fraction over these steps (0 = paper: none).
   c.contrast.global_batch = True  # Sample anchors from the global batch (device-count independent).
   c.contrast.temperature = 0.1  # tau of Eq. 3.
   c.contrast.base_temperature = placeholder(float)  # None: no tau / base_tau factor (official: 0.07).

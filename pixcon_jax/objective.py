@@ -88,6 +88,23 @@ def uses_memory(config: ml_collections.ConfigDict) -> bool:
   return any(s != "batch" for s in sources)
 
 
+def hard_fraction(step: jax.Array, *, fraction: float, ramp_steps: int) -> jax.Array:
+  """Semi-hard mining's top fraction at `step`: the hardness curriculum.
+
+  Geometric from 1 (the top 100%: random sampling) at step 0 to `fraction` (paper 0.1) at
+  `ramp_steps`, then constant: f(t) = fraction ** min(t / ramp_steps, 1).
+
+  Args:
+    step: scalar int, the step being taken.
+    fraction: the final top fraction, in (0, 1].
+    ramp_steps: length of the ramp (> 0).
+  Returns:
+    float32 scalar in [fraction, 1].
+  """
+  progress = jnp.minimum(step.astype(jnp.float32) / float(ramp_steps), 1.0)
+  return jnp.float32(fraction) ** progress
+
+
 def _predict_on_grid(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
   """argmax of the (detached) logits on the embedding grid: [B, h, w] int32."""
   predict = jnp.argmax(lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
@@ -133,16 +150,22 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
     if recipe == "paper":
       from pixcon_jax.contrast import loss as contrast_loss  # pylint: disable=g-import-not-at-top
       settings = contrast_settings(config, num_classes=num_classes)
+      ramp = int(config.contrast.get("hard_mining_ramp_steps", 0))
+      if ramp < 0:
+        raise ValueError(f"config.contrast.hard_mining_ramp_steps={ramp}: expected >= 0")
 
-      def contrast_fn(emb, lab, pred, image_id, memory, rng):
+      def contrast_fn(emb, lab, pred, image_id, memory, rng, step):
+        fraction = None
+        if ramp and settings.mining == "semi_hard":
+          fraction = hard_fraction(step, fraction=settings.semi_hard_fraction, ramp_steps=ramp)
         return contrast_loss.pixel_contrast_loss(emb, lab, pred, image_id, memory, rng,
-                                                 settings=settings)
+                                                 settings=settings, hard_fraction=fraction)
     elif recipe == "official":
       from pixcon_jax.contrast import official  # pylint: disable=g-import-not-at-top
       c = config.contrast
 
-      def contrast_fn(emb, lab, pred, image_id, memory, rng):
-        del image_id, memory  # In-batch only.
+      def contrast_fn(emb, lab, pred, image_id, memory, rng, step):
+        del image_id, memory, step  # In-batch, no mining.
         return official.official_contrast_loss(
             emb, lab, pred, rng, num_classes=num_classes, temperature=c.temperature,
             base_temperature=c.base_temperature, max_samples=c.max_samples,
@@ -198,10 +221,10 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
         # back to every device's embeddings, hence the 1 / N share below.
         gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=0, tiled=True)
         c_loss, c_metrics = contrast_fn(gather(emb), gather(lab), gather(pred), gather(image_id),
-                                        memory, rng)
+                                        memory, rng, step)
       else:
         local_rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-        c_loss, c_metrics = contrast_fn(emb, lab, pred, image_id, memory, local_rng)
+        c_loss, c_metrics = contrast_fn(emb, lab, pred, image_id, memory, local_rng, step)
       # Paper: lambda = 1 from the start; official: 0.1 after 5000 warm-up steps.
       lam = jnp.where(step >= warmup_steps, jnp.float32(weight), jnp.float32(0.0))
       share = share + lam * c_loss / n_dev

@@ -228,3 +228,32 @@ def test_pooled_hardest_estimates_the_exact_hardest_of_the_whole_set():
   hardest, semi_hard = pooled_mean("hardest"), pooled_mean("semi_hard")
   assert abs(hardest - want) / want < 0.08, (hardest, want)
   assert abs(semi_hard - want) > 2 * abs(hardest - want), (semi_hard, hardest, want)
+
+
+def test_hardness_curriculum_runs_from_random_to_semi_hard():
+  # The curriculum's traced top fraction: 1 gives exactly random sampling (the top 100%, then K
+  # at random with the same key), the final fraction gives exactly the static semi-hard loss.
+  emb, label, predict, image_id, memory = _case(seed=6, h=8, w=8)
+  memory = memory.replace(pixel_valid=jnp.ones_like(memory.pixel_valid))
+  base = loss_lib.ContrastSettings(anchors_per_class=6, num_positives=4, num_negatives=8,
+                                   positive_pool=40, negative_pool=80, mining="semi_hard")
+  args = (jnp.asarray(emb), jnp.asarray(label), jnp.asarray(predict), jnp.asarray(image_id),
+          memory, jax.random.key(0))
+
+  def run(settings, fraction=None):
+    fn = functools.partial(loss_lib.pixel_contrast_loss, settings=settings)
+    return float(jax.jit(lambda *a: fn(*a[:-1], hard_fraction=a[-1])[0])(*args, fraction)
+                 if fraction is not None else jax.jit(fn)(*args)[0])
+
+  random = run(dataclasses.replace(base, mining="random"))
+  semi = run(base)
+  assert abs(random - semi) > 1e-3  # the two ends differ on this case
+  np.testing.assert_allclose(run(base, jnp.float32(1.0)), random, rtol=1e-6)
+  np.testing.assert_allclose(run(base, jnp.float32(0.1)), semi, rtol=1e-6)
+
+
+def test_hard_fraction_schedule_is_geometric_from_one_to_the_paper_fraction():
+  from pixcon_jax import objective  # pylint: disable=g-import-not-at-top
+  f = lambda t: float(objective.hard_fraction(jnp.int32(t), fraction=0.1, ramp_steps=100))
+  np.testing.assert_allclose([f(0), f(50), f(100), f(1000)], [1.0, 0.1 ** 0.5, 0.1, 0.1],
+                             rtol=1e-6)

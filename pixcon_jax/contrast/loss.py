@@ -269,7 +269,8 @@ def eq3_anchor_loss(pos: jax.Array, pos_valid: jax.Array, neg: jax.Array, neg_va
 
 def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Array | None,
                         image_id: jax.Array, memory: MemoryBank | None, rng: jax.Array, *,
-                        settings: ContrastSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        settings: ContrastSettings, hard_fraction: jax.Array | None = None
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eq. 3 averaged over anchors sampled from this (per-device) mini-batch.
 
   Args:
@@ -282,6 +283,8 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
     memory: the bank *before* this step's update (None if no memory source).
     rng: PRNG key.
     settings: static ContrastSettings.
+    hard_fraction: optional scalar (may be traced) replacing `settings.semi_hard_fraction`: the
+      hardness curriculum of `objective.hard_fraction` (1 = random sampling).
   Returns:
     loss: scalar float32 (0 when no anchor is valid, e.g. an all-ignore batch).
     metrics: num_valid_anchors, valid_anchor_fraction, num_hard_anchors, mean_positives,
@@ -388,9 +391,10 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
     rng_pos, rng_neg = jax.random.split(x["rng"])
 
     def mine(sim, ok, key, num, harder):
+      fraction = s.semi_hard_fraction if hard_fraction is None else hard_fraction
       sel = sampling.mine_mask(
           sim, ok & x["anchor_valid"][:, None], key, num=num, mode=s.mining, harder=harder,
-          fraction=s.semi_hard_fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k)
+          fraction=fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k)
       # Saved for the backward pass (see _REMAT_POLICY), so that it recomputes no selection.
       return checkpoint_name(sel, _KEPT)
 

@@ -326,6 +326,7 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
     sim: [A, Q] similarities (anchors x candidate pool); only compared, never differentiated.
     valid: [A, Q] bool, candidates usable by each anchor.
     rng: PRNG key (random draws of 'random' and 'semi_hard').
+    fraction: semi-hard's top fraction, a float or a traced scalar in (0, 1] (1 = random).
     top_k: selection implementation, see `top_k_mask`.
   Returns:
     [A, Q] bool with min(num, n_valid) entries per row (semi-hard: min(num, m)).
@@ -341,7 +342,8 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
   if mode == "semi_hard":
     n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [A]
     m = _fraction_count(n_valid, fraction)
-    top = _fraction_count(q, fraction)  # static bound on m
+    # Static bound on m; a traced fraction (the hardness curriculum) may be anything up to 1.
+    top = _fraction_count(q, fraction) if isinstance(fraction, (int, float)) else q
     if at_least_num:
       m = jnp.maximum(m, jnp.minimum(num, n_valid))
       top = min(q, max(top, num))

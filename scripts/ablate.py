@@ -4,7 +4,8 @@ r"""Ablations of the paper (Tables 1-3) as config overrides: train each variant,
         --workdir=/tmp/ablate [--config.some.key=value ...]
 
 Every variant is the given config plus the overrides listed in `VARIANTS` (one config
-argument each, two for the Table 3 cells that change both anchor and pos/neg sampling),
+argument each, two for Table 1's intra-image row (in-batch only) and the Table 3 cells that
+change both anchor and pos/neg sampling),
 trained for `--steps` steps into `<workdir>/<variant>` with
 `pixcon_jax.train.train_and_evaluate` (so an interrupted ablation resumes per variant),
 and evaluated with the config's `eval` protocol at the end. Variants whose resulting
@@ -37,7 +38,9 @@ BASELINE = ("baseline", "Baseline (w/o contrast)", {"contrast.enabled": False}, 
 VARIANTS: dict[str, list[tuple[str, str, dict[str, Any], float]]] = {
     "table1": [
         BASELINE,
-        ("intra_image", "Intra-Image Contrast", {"contrast.scope": "intra"}, 78.9),
+        # Intra-image contrast has no memory: the anchor's own image is its only source.
+        ("intra_image", "Intra-Image Contrast",
+         {"contrast.scope": "intra", "contrast.sources": ("batch",)}, 78.9),
         ("inter_image", "Inter-Image Contrast", {"contrast.scope": "inter"}, 81.0),
     ],
     "table2": [

@@ -41,6 +41,63 @@ def test_every_variant_is_an_override_of_cityscapes_hrnet():
     ablate.apply_overrides(config, {"contrast.nonexistent": 1})
 
 
+def _variants_by_id() -> dict[str, dict]:
+  """{variant id: overrides} over Tables 1-3; a shared id (the baseline) has one override set."""
+  out: dict[str, dict] = {}
+  for table in ablate.TABLES:
+    for name, _, overrides, _ in ablate.VARIANTS[table]:
+      assert out.setdefault(name, overrides) == overrides, name
+  return out
+
+
+def _tiny_demo_config():
+  """configs/demo.py:runlocal with the generic tiny HRNet widths, batch 2 of 32x32 crops."""
+  config = _load(REPO / "configs" / "demo.py", "demo_config_trace").get_config("runlocal")
+  config.model.overrides.widths = (8, 16, 32, 64)
+  config.model.overrides.stem_width = 16
+  config.model.overrides.layer1_planes = 8
+  config.model.proj_dim = 16
+  config.data.batch_size = 2
+  config.data.crop_size = (32, 32)
+  return config
+
+
+@pytest.mark.parametrize("variant", sorted(_variants_by_id()))
+def test_every_variant_builds_its_objective_and_traces_its_train_step(variant):
+  """Each ablation row is a runnable config: its contrast settings, objective and train step build.
+
+  Tracing (no compile) runs every config check of the objective and the contrast settings,
+  e.g. that intra-image contrast is in-batch only.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import objective, sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  overrides = _variants_by_id()[variant]
+  config = ablate.apply_overrides(_tiny_demo_config(), overrides)
+  c = config.model.num_classes
+  if config.contrast.enabled:
+    settings = objective.contrast_settings(config, num_classes=c)
+    for key, value in overrides.items():
+      group, leaf = key.split(".")
+      if group == "contrast" and hasattr(settings, leaf):
+        assert getattr(settings, leaf) == value, (variant, key)
+  objective.make_objective(config, num_classes=c)
+  exp = train.setup(config)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  b, (h, w) = config.data.batch_size, config.data.crop_size
+  state = ts.abstract_train_state(config, exp.train_model, exp.tx, mesh, image_shape=(h, w, 3),
+                                  num_classes=c, num_train_images=16)
+  batch = {"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+           "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32),
+           "image_id": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  traced = ts.make_train_step(config, exp.train_model, exp.tx, mesh).trace(state, batch)
+  metric_names = set(traced.out_info[1])
+  assert {"loss", "ce_loss", "grad_norm"} <= metric_names
+  assert ("contrast_loss" in metric_names) == bool(config.contrast.enabled), metric_names
+  assert (state.memory is not None) == objective.uses_memory(config), variant
+
+
 @pytest.mark.slow  # five trainings: ~16 min wall on 2 shared CPU cores
 def test_table2_on_demo_config_trains_each_variant_and_prints_table(tmp_path, capsys):
   config = _load(REPO / "configs" / "demo.py", "demo_config_ablate").get_config("runlocal")

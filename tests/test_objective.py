@@ -73,6 +73,9 @@ def test_objective_is_ce_plus_aux_plus_lambda_contrast(step):
   from pixcon_jax.contrast import loss as contrast_loss  # pylint: disable=g-import-not-at-top
   from pixcon_jax.contrast import memory as memory_lib  # pylint: disable=g-import-not-at-top
   config = _config()
+  # With global_batch the objective hands its key to the contrast loss unchanged (per-device
+  # sampling would fold in the device index).
+  assert config.contrast.global_batch
   outputs, batch = _case()
   # A bank holding one earlier batch's keys, so the memory sources take part.
   bank = memory_lib.flush(ts.init_memory(config, num_classes=C, num_train_images=4))

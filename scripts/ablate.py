@@ -1,10 +1,11 @@
 r"""Ablations of the paper (Tables 1-3) as config overrides: train each variant, collect mIoU.
 
     python scripts/ablate.py --config=configs/demo.py --table=table2 --steps=300 \
-        --workdir=/tmp/ablate [--config.some.key=value ...]
+        --workdir=/tmp/ablate [--seeds=0,1,2] [--config.some.key=value ...]
 
 Every variant is the given config plus the overrides listed in `VARIANTS` (one config
-argument each, two for the Table 3 cells that change both anchor and pos/neg sampling),
+argument each, two for Table 1's intra-image row (in-batch only) and the Table 3 cells that
+change both anchor and pos/neg sampling),
 trained for `--steps` steps into `<workdir>/<variant>` with
 `pixcon_jax.train.train_and_evaluate` (so an interrupted ablation resumes per variant),
 and evaluated with the config's `eval` protocol at the end. Variants whose resulting
@@ -14,6 +15,12 @@ three) are trained once. The table is printed as markdown and JSON and written t
 40K iterations) are listed beside ours for reference, not for comparison of values: a
 few hundred steps on the demo data only show the direction of each change.
 
+With `--seeds=0,1,2` every variant trains once per seed k (`config.seed`: initialisation and
+contrast sampling; `config.data.seed`: data order and augmentation; the dataset itself is
+unchanged) into `<workdir>/<variant>/seed<k>`, and each row reports the mean and the sample
+standard deviation (n - 1) of the final mIoU over the seeds, with n and the per-seed values.
+Without `--seeds` each variant trains once with the config's seeds in `<workdir>/<variant>`.
+
 See docs/ABLATIONS.md for the table of variants and the exact overrides.
 """
 from __future__ import annotations
@@ -22,6 +29,7 @@ import copy
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any, Sequence
@@ -37,7 +45,9 @@ BASELINE = ("baseline", "Baseline (w/o contrast)", {"contrast.enabled": False}, 
 VARIANTS: dict[str, list[tuple[str, str, dict[str, Any], float]]] = {
     "table1": [
         BASELINE,
-        ("intra_image", "Intra-Image Contrast", {"contrast.scope": "intra"}, 78.9),
+        # Intra-image contrast has no memory: the anchor's own image is its only source.
+        ("intra_image", "Intra-Image Contrast",
+         {"contrast.scope": "intra", "contrast.sources": ("batch",)}, 78.9),
         ("inter_image", "Inter-Image Contrast", {"contrast.scope": "inter"}, 81.0),
     ],
     "table2": [
@@ -81,6 +91,14 @@ class Result:
   seconds: float = 0.0
   workdir: str = ""
   reused_from: str | None = None
+  # One entry per training run (one per seed with --seeds); `miou` is their mean.
+  seeds: list[int] = dataclasses.field(default_factory=list)
+  per_seed_miou: list[float | None] = dataclasses.field(default_factory=list)
+  per_seed_pixel_accuracy: list[float | None] = dataclasses.field(default_factory=list)
+  per_seed_workdir: list[str] = dataclasses.field(default_factory=list)
+  miou_mean: float | None = None
+  miou_std: float | None = None  # Sample standard deviation (n - 1); None for n < 2.
+  n: int = 0  # Runs that finished (an interrupted run has no mIoU).
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
@@ -112,16 +130,48 @@ def _fingerprint(config: Any) -> str:
   return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
+def seeded(config: Any, seed: int) -> Any:
+  """A copy of `config` with seed `seed` for the model init and contrast sampling (`seed`) and
+  for the data order and augmentation (`data.seed`); the dataset itself stays the same."""
+  return apply_overrides(config, {"seed": int(seed), "data.seed": int(seed)})
+
+
+def seed_statistics(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+  """(mean, sample standard deviation with n - 1, n) of the finished runs' values (None skipped)."""
+  done = [float(v) for v in values if v is not None]
+  if not done:
+    return None, None, 0
+  std = statistics.stdev(done) if len(done) > 1 else None
+  return statistics.fmean(done), std, len(done)
+
+
+def parse_seeds(values: Sequence[str] | None) -> list[int] | None:
+  """`--seeds` ('0,1,2' as absl's list) -> [0, 1, 2]; None without the flag."""
+  if not values:
+    return None
+  try:
+    seeds = [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--seeds must be comma-separated integers, got {','.join(values)!r}") from None
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"--seeds has a repeated seed: {','.join(values)!r}")
+  return seeds
+
+
 def run_ablation(config: Any, table: str, steps: int, workdir: str, *,
-                 only: Sequence[str] | None = None) -> list[Result]:
+                 only: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[Result]:
   """Trains every variant of `table` for `steps` steps and returns their final metrics.
 
   Args:
     config: the base experiment config (e.g. configs/demo.py or configs/cityscapes_hrnet.py).
     table: 'table1' | 'table2' | 'table3' | 'all'.
     steps: training steps per variant (sets schedule.total_steps; evaluation at the end).
-    workdir: parent directory; variant v trains in `<workdir>/<v>`.
+    workdir: parent directory; variant v trains in `<workdir>/<v>`, or with `seeds` once per
+      seed k in `<workdir>/<v>/seed<k>`.
     only: optional subset of variant ids.
+    seeds: optional seeds; each variant trains once per seed (see `seeded`) and its `miou` is
+      the mean over the seeds (`miou_std`, `n`, `per_seed_miou` beside it).
   """
   from pixcon_jax import train  # pylint: disable=g-import-not-at-top
   results: list[Result] = []
@@ -139,18 +189,27 @@ def run_ablation(config: Any, table: str, steps: int, workdir: str, *,
     key = _fingerprint(cfg)
     if key in done:  # Same resulting config as an earlier variant (e.g. the full method).
       prev = done[key]
-      result.miou, result.pixel_accuracy = prev.miou, prev.pixel_accuracy
-      result.workdir, result.reused_from = prev.workdir, prev.variant
-      results.append(result)
+      copied = dataclasses.replace(prev, table=tab, variant=name, paper_row=row,
+                                   overrides=dict(overrides), paper_miou=paper,
+                                   reused_from=prev.variant, seconds=0.0)
+      results.append(copied)
       continue
     result.workdir = os.path.join(workdir, name)
-    logging.info("ablation %s/%s: %s -> %s", tab, name, overrides, result.workdir)
-    t0 = time.time()
-    metrics = train.train_and_evaluate(cfg, result.workdir)
-    result.seconds = time.time() - t0
-    if metrics:
-      result.miou = float(metrics["miou"])
-      result.pixel_accuracy = float(metrics["pixel_accuracy"])
+    runs = ([(int(cfg.get("seed", 0)), cfg, result.workdir)] if seeds is None else
+            [(k, seeded(cfg, k), os.path.join(result.workdir, f"seed{k}")) for k in seeds])
+    for seed, run_cfg, run_dir in runs:
+      logging.info("ablation %s/%s (seed %d): %s -> %s", tab, name, seed, overrides, run_dir)
+      t0 = time.time()
+      metrics = train.train_and_evaluate(run_cfg, run_dir)
+      result.seconds += time.time() - t0
+      result.seeds.append(seed)
+      result.per_seed_workdir.append(run_dir)
+      result.per_seed_miou.append(float(metrics["miou"]) if metrics else None)
+      result.per_seed_pixel_accuracy.append(
+          float(metrics["pixel_accuracy"]) if metrics else None)
+    result.miou_mean, result.miou_std, result.n = seed_statistics(result.per_seed_miou)
+    result.miou = result.miou_mean
+    result.pixel_accuracy = seed_statistics(result.per_seed_pixel_accuracy)[0]
     done[key] = result
     results.append(result)
   return results
@@ -170,16 +229,31 @@ def _cli_value(v: Any) -> str:
   return str(v)
 
 
+def _fmt_miou(r: Result) -> str:
+  """'45.4' for one run, '45.4 ± 1.2 (n=3)' over seeds (sample std), '—' if none finished."""
+  if r.miou is None:
+    return "—"
+  text = f"{100 * r.miou:.1f}"
+  if r.miou_std is not None:
+    text += f" ± {100 * r.miou_std:.1f} (n={r.n})"
+  elif len(r.seeds) > 1:
+    text += f" (n={r.n})"
+  return text
+
+
 def markdown_table(results: Sequence[Result]) -> str:
-  """The results as a markdown table (mIoU in %)."""
-  lines = ["| table | variant | overrides | steps | mIoU (ours, %) | paper mIoU (%) |",
-           "|---|---|---|---|---|---|"]
+  """The results as a markdown table (mIoU in %; mean ± sample std over seeds, per-seed values)."""
+  lines = ["| table | variant | overrides | steps | mIoU (ours, %) | seeds | per-seed mIoU (%) "
+           "| paper mIoU (%) |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in results:
-    ours = "—" if r.miou is None else f"{100 * r.miou:.1f}"
+    ours = _fmt_miou(r)
     if r.reused_from:
       ours += f" (= {r.reused_from})"
+    per_seed = ", ".join("—" if v is None else f"{100 * v:.1f}" for v in r.per_seed_miou)
     lines.append(f"| {r.table} | {r.paper_row} | {_fmt_overrides(r.overrides)} | {r.steps} | "
-                 f"{ours} | {r.paper_miou:.1f} |")
+                 f"{ours} | {','.join(str(k) for k in r.seeds)} | {per_seed} | "
+                 f"{r.paper_miou:.1f} |")
   return "\n".join(lines)
 
 
@@ -206,14 +280,20 @@ def _define_flags() -> None:
   flags.DEFINE_integer("steps", 300, "Training steps per variant.")
   flags.DEFINE_string("workdir", None, "Parent directory of the variants' workdirs.")
   flags.DEFINE_list("variants", None, "Optional subset of variant ids.")
+  flags.DEFINE_list("seeds", None, "Optional seeds (e.g. 0,1,2): each variant trains once per "
+                    "seed into <workdir>/<variant>/seed<k>; rows report mean ± sample std.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    seeds = parse_seeds(FLAGS.seeds)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   results = run_ablation(FLAGS.config, FLAGS.table, FLAGS.steps, FLAGS.workdir,
-                         only=FLAGS.variants)
+                         only=FLAGS.variants, seeds=seeds)
   md, js = write_results(results, FLAGS.workdir, FLAGS.table)
   print(md)
   print(js)

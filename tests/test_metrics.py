@@ -73,13 +73,31 @@ def test_class_absent_from_gt_and_prediction_is_excluded_from_mean():
 
 
 def test_dataset_level_not_mean_of_batches():
-  c = 3
-  pred, label, valid = _random_case(seed=2, b=4, c=c)
-  valid[:] = True
-  per_batch = [metrics.confusion_matrix_numpy(pred[i:i + 1], label[i:i + 1], c) for i in range(4)]
-  summed = metrics.metrics_from_confusion_matrix(sum(per_batch))["miou"]
-  whole = metrics.metrics_from_confusion_matrix(metrics.confusion_matrix_numpy(pred, label, c))
-  np.testing.assert_allclose(summed, whole["miou"])
+  """The Evaluator's mIoU is that of the whole split (one summed confusion matrix), which here
+  differs from the mean of the per-batch mIoUs: batch 0 is all-correct class 0 (mIoU 1), batch 1
+  half-wrong classes 1 and 2 (mIoU 0.25); the split's mIoU is (1 + 0.5 + 0) / 3 = 0.5, not 0.625."""
+  from pixcon_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top
+  c, h, w = 3, 4, 8
+  pred = np.zeros((2, h, w), np.int64)
+  label = np.zeros((2, h, w), np.int64)
+  pred[1] = 1
+  label[1, :, : w // 2] = 1
+  label[1, :, w // 2:] = 2
+  label[0, 0, :2] = 255  # ignored pixels count nowhere
+  valid = np.ones(2, bool)
+  per_batch = [_direct_metrics(pred[i:i + 1], label[i:i + 1], valid[i:i + 1], c)["miou"]
+               for i in range(2)]
+  dataset = _direct_metrics(pred, label, valid, c)["miou"]
+  assert abs(np.mean(per_batch) - dataset) > 0.1, (per_batch, dataset)
+  # A "model" whose logits are its input: the image is the one-hot prediction.
+  image = np.eye(c, dtype=np.float32)[pred]
+  ev = evaluate.Evaluator(lambda variables, x: x, sharding.make_mesh(), num_classes=c,
+                          settings=evaluate.InferenceSettings())
+  batches = [{"image": image[i:i + 1], "label": label[i:i + 1].astype(np.int32)} for i in range(2)]
+  got = ev({"params": {}}, batches)
+  assert got["num_images"] == 2
+  np.testing.assert_allclose(got["miou"], dataset, rtol=1e-12)
+  np.testing.assert_allclose(dataset, 0.5, rtol=1e-12)
 
 
 def test_clu_confusion_matrix_metric_merges():

@@ -78,7 +78,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.contrast.recipe = "paper"  # paper (Eq. 3 with memory) | official (released code).
   c.contrast.weight = 1.0  # lambda of Eq. 4.
   c.contrast.warmup_steps = 0  # lambda = 0 before this step.
-  c.contrast.hard_mining_ramp_steps = 0  # Semi-hard top fraction 1 -> semi_hard_fraction over these steps (0 = paper: none).
+  c.contrast.hard_mining_ramp_steps = 0  # Semi-hard's top fraction 1 -> semi_hard_fraction over these steps.
   c.contrast.global_batch = True  # Sample anchors from the global batch (device-count independent).
   c.contrast.temperature = 0.1  # tau of Eq. 3.
   c.contrast.base_temperature = placeholder(float)  # None: no tau / base_tau factor (official: 0.07).
@@ -86,7 +86,9 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.contrast.scope = "inter"  # inter (cross-image, paper) | intra (within each image), Table 1.
   c.contrast.anchor_sampling = "seg_aware_hard"  # random | seg_aware_hard (Table 3).
   c.contrast.anchors_per_class = 50  # Anchors per class per mini-batch.
-  c.contrast.mining = "semi_hard"  # random | hardest | semi_hard (Table 3).
+  # random | hardest | semi_hard (Table 3). Paper: semi_hard, which collapses the embedding when
+  # classes overlap (from scratch; docs/ABLATIONS.md "Departures"); random does not.
+  c.contrast.mining = "random"
   c.contrast.num_positives = 1024  # K positives per anchor.
   c.contrast.num_negatives = 2048  # K negatives per anchor.
   c.contrast.semi_hard_fraction = 0.1  # Top 10% hardest, then K at random.

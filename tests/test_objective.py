@@ -119,3 +119,9 @@ def test_objective_is_ce_plus_aux_plus_lambda_contrast(step):
   np.testing.assert_allclose(float(metrics["contrast_weight"]), lam)
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
   np.testing.assert_allclose(float(share[0]), expected, rtol=1e-5)  # one device: share = total
+  # Embedding health of the same grid labels is in the metrics (written by every train step).
+  from pixcon_jax.contrast import health  # pylint: disable=g-import-not-at-top
+  want = health.embedding_health(jnp.asarray(outputs["embedding"]), jnp.asarray(grid_label),
+                                 num_classes=C)
+  for k, v in want.items():
+    np.testing.assert_allclose(float(metrics[f"embedding/{k}"]), float(v), rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import zipfile
 from typing import Any
 
 from absl import app
@@ -48,8 +49,14 @@ def _unwrap(obj: Any) -> dict[str, Any]:
 
 def load_state_dict(path: pathlib.Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """name -> numpy array from a .npz or a .pth."""
+  if not path.is_file():
+    raise SystemExit(f"error: --torch={path}: no such file")
   if path.suffix == ".npz":
-    with np.load(path) as f:
+    # np.load reads a non-zip file as a pickle and then blames allow_pickle; say what it is.
+    if not zipfile.is_zipfile(path):
+      raise SystemExit(f"error: --torch={path} is not an .npz archive (not a zip file); give "
+                       f"the state_dict saved with numpy.savez, or the .pth itself")
+    with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
   try:
     import torch  # pylint: disable=g-import-not-at-top

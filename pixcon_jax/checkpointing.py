@@ -70,22 +70,32 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def shape_differences(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> list[str]:
-  """'path: (checkpoint shape) vs (config shape)' for every state array whose shape differs.
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+  """A pytree path as plain names: a dataclass field and the dict key it is saved as agree."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
-  Reads only the checkpoint's metadata (no array data).
+
+def shape_differences(manager: ocp.CheckpointManager, step: int, abstract_state: Any
+                      ) -> tuple[list[str], list[str]]:
+  """Compares the checkpoint's state arrays with the configured ones, from metadata only.
+
+  Returns:
+    (arrays of both with other shapes, arrays of only one side), each entry as
+    'path: checkpoint shape vs config shape'.
   """
   saved = manager.item_metadata(step)[STATE]
-  saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
-                  jax.tree_util.tree_flatten_with_path(saved)[0]}
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
-    name = jax.tree_util.keystr(path)
-    # `keystr` spells dataclass fields as .field and dict keys as ['key'] alike in both trees.
-    got = saved_shapes.get(name, saved_shapes.get(name.replace(".", "", 1)))
-    if got is not None and got != tuple(leaf.shape):
-      out.append(f"{name}: {got} in the checkpoint vs {tuple(leaf.shape)} from the config")
-  return out
+  saved_shapes = {_path_names(p): tuple(m.shape) for p, m in
+                  jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(m, "shape")}
+  wanted = {_path_names(p): tuple(leaf.shape) for p, leaf in
+            jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  differ, one_side = [], []
+  for name in sorted(set(saved_shapes) | set(wanted)):
+    got, want = saved_shapes.get(name), wanted.get(name)
+    if got != want:
+      (differ if got is not None and want is not None else one_side).append(
+          f"{'/'.join(name)}: {got if got is not None else 'absent'} in the checkpoint vs "
+          f"{want if want is not None else 'absent'} from the config")
+  return differ, one_side
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -117,24 +127,33 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
     workdir of another model), or when no checkpoint reads back.
   """
   skipped = []
+  workdir = os.path.dirname(str(manager.directory))
+
+  def other_model(step, differences):
+    return validation.ConfigError(
+        f"--workdir={workdir} holds a checkpoint (step {step}) of another model: "
+        f"{len(differences)} arrays differ, e.g. {'; '.join(differences[:3])}."
+        f"{explain_shapes()} Use another --workdir for this config (or the config that run was "
+        f"trained with).")
+
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      differences = shape_differences(manager, step, abstract_state)
-    except Exception as e:  # pylint: disable=broad-except
-      differences, reason = [], e
+      differ, one_side = shape_differences(manager, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except  # unreadable metadata
+      differ, one_side, reason = [], [], e
     else:
       reason = None
-    if differences:
-      raise validation.ConfigError(
-          f"--workdir={os.path.dirname(str(manager.directory))} holds a checkpoint (step {step}) "
-          f"of another model: {len(differences)} arrays differ, e.g. {'; '.join(differences[:3])}."
-          f"{explain_shapes()} Use another --workdir for this config (or the config that run "
-          f"was trained with).")
+    if differ:
+      raise other_model(step, differ)
     if reason is None:
       try:
         state, data_iter = restore(manager, step, abstract_state, data_iter)
+        if skipped:
+          manager.reload()  # Forget the steps set aside, so they can be saved anew.
         return state, data_iter, step
       except Exception as e:  # pylint: disable=broad-except  # any read error: try an older one
+        if one_side:  # Another state structure (e.g. memory settings), not a broken file.
+          raise other_model(step, one_side) from e
         reason = e
     moved = _set_aside(manager, step)
     logging.warning("checkpoint of step %d is unreadable (%s); moved it to %s and trying the "

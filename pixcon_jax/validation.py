@@ -59,6 +59,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   fraction = config.get("init_from_max_mismatch", 0.0)
   if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
     raise ConfigError(f"config.init_from_max_mismatch={fraction!r}: expected a fraction in [0, 1]")
+  init_from = config.get("init_from")
+  if init_from and "://" not in init_from and not os.path.exists(os.path.expanduser(init_from)):
+    # Checked here, not after the model is built and orbax's threads run; it also fails a
+    # resume whose init_from went away (the resume would ignore it).
+    raise MissingInputError(
+        f"config.init_from={init_from!r}: no such file or directory, so no orbax checkpoint to "
+        f"load; give the --out folder of scripts/convert_checkpoint.py")
   if mode == "predict":
     check_output_dir(config.predict.get("output_dir") or "", "config.predict.output_dir")
 

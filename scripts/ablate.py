@@ -210,8 +210,14 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  results = run_ablation(FLAGS.config, FLAGS.table, FLAGS.steps, FLAGS.workdir,
-                         only=FLAGS.variants)
+  from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    results = run_ablation(FLAGS.config, FLAGS.table, FLAGS.steps, FLAGS.workdir,
+                           only=FLAGS.variants)
+  except checkpointing.Stopped as e:
+    # The variant's checkpoint is saved; a rerun resumes it and skips the finished ones' work.
+    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   md, js = write_results(results, FLAGS.workdir, FLAGS.table)
   print(md)
   print(js)

@@ -137,6 +137,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.eigen_dots:
     xla_cpu.use_eigen_dots()  # In os.environ, so that the huge-page restart keeps it.
+  log_filters.quiet_resource_tracker(os.environ)
   if FLAGS.hugepages:
     # Before any backend starts: the process is replaced by the same command.
     host_memory.reexec_with_hugepages([sys.executable, "-m", "pixcon_jax.main", *sys.argv[1:]])

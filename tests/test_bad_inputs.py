@@ -325,6 +325,26 @@ def test_stopped_by_sigterm_has_a_nonzero_documented_exit_code():
   assert "143" in (REPO / "README.md").read_text()
 
 
+def test_main_exits_143_with_one_line_when_training_stopped(tmp_path):
+  """main's handling of the loop's Stopped (the loop itself: test_train_loop's SIGTERM run)."""
+  script = (
+      "import sys\n"
+      "from absl import app\n"
+      "from pixcon_jax import checkpointing, main\n"
+      "def stopped(config, workdir):\n"
+      "  raise checkpointing.Stopped('SIGTERM', 4, workdir)\n"
+      "main.run_mode = stopped\n"
+      "app.run(main.main, flags_parser=main.parse_flags)\n")
+  p = subprocess.run([sys.executable, "-c", script, "--nohugepages",
+                      "--config=configs/demo.py:runlocal", f"--workdir={tmp_path}"], cwd=REPO,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 143, p.stderr[-3000:]
+  assert p.stderr.strip().splitlines()[-1] == (
+      f"stopped: SIGTERM received: saved the checkpoint of step 4 in {tmp_path}; rerun the same "
+      f"command to resume (exit code 143)")
+
+
 # ---- predict, convert_checkpoint, prepare_data -------------------------------------------------
 
 def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path, caplog):
@@ -377,6 +397,24 @@ def test_prepare_data_redoes_an_extraction_of_a_replaced_zip(tmp_path, caplog):
   extracted.mkdir(parents=True)
   (downloads / prepare.STAMP_FILE).unlink()
   assert prepare.refresh_stale_extraction(str(manual), str(downloads))
+
+
+def test_resource_tracker_note_about_shared_memory_is_silenced():
+  # A child interpreter leaks a shared-memory block as grain's pool does at exit.
+  leak = ("from multiprocessing import shared_memory\n"
+          "s = shared_memory.SharedMemory(create=True, size=64)\n"
+          "s.close()\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+  loud = subprocess.run([sys.executable, "-c", leak], env=env, capture_output=True, text=True,
+                        timeout=60)
+  assert "leaked shared_memory" in loud.stderr  # Python still warns without the filter.
+  log_filters.quiet_resource_tracker(env)
+  assert env["PYTHONWARNINGS"] == log_filters.RESOURCE_TRACKER_FILTER
+  log_filters.quiet_resource_tracker(env)  # idempotent
+  assert env["PYTHONWARNINGS"] == log_filters.RESOURCE_TRACKER_FILTER
+  quiet = subprocess.run([sys.executable, "-c", leak], env=env, capture_output=True, text=True,
+                         timeout=60)
+  assert quiet.returncode == 0 and "leaked" not in quiet.stderr, quiet.stderr
 
 
 # ---- logs --------------------------------------------------------------------------------------

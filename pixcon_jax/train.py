@@ -221,14 +221,22 @@ def evaluate(exp: Experiment, evaluator: Any, state: train_step_lib.TrainState,
   c = exp.config
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   t0 = time.time()
-  metrics = evaluator(variables, make_eval_iterator(exp), max_batches=c.eval.get("max_batches"))
+  eval_iter = make_eval_iterator(exp)
+  try:
+    metrics = evaluator(variables, eval_iter, max_batches=c.eval.get("max_batches"))
+  finally:
+    data_lib.close_iterator(eval_iter)  # Else its workers linger until exit (see there).
   scalars = {f"eval/{k}": float(v) for k, v in metrics.items()
              if np.ndim(v) == 0 and np.isfinite(float(v))}
   scalars["eval/seconds"] = time.time() - t0
   writer.write_scalars(step, scalars)
   num = int(c.eval.get("num_summary_images", 0))
   if num > 0:
-    first = next(iter(make_eval_iterator(exp)))
+    first_iter = make_eval_iterator(exp)
+    try:
+      first = next(first_iter)
+    finally:
+      data_lib.close_iterator(first_iter)
     valid = np.asarray(first.get("valid", np.ones(len(first["image"]), bool)))
     first = {k: np.asarray(v)[valid] for k, v in first.items() if k in ("image", "label")}
     if len(first["image"]):
@@ -356,6 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise checkpointing.Stopped(stop.signal_name or "stop request", step, workdir)
   finally:
     stop.uninstall()
+    data_lib.close_iterator(train_iter)
     manager.wait_until_finished()
     writer.flush()
 

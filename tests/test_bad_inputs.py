@@ -417,6 +417,43 @@ def test_resource_tracker_note_about_shared_memory_is_silenced():
   assert quiet.returncode == 0 and "leaked" not in quiet.stderr, quiet.stderr
 
 
+_CLOSE_SCRIPT = """
+import multiprocessing, sys
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from pixcon_jax import data as data_lib
+cfg = data_lib.default_data_config("synthetic")
+cfg.synthetic_size, cfg.synthetic_num_train, cfg.crop_size = (32, 64), 8, (32, 32)
+cfg.worker_count = 1
+def make():
+  return data_lib.make_train_iterator(cfg, data_lib.default_augment_config(),
+                                      batch_size_per_process=2, seed=0, process_index=0,
+                                      process_count=1)
+def main():  # locals, as in train_and_evaluate
+  a = make(); next(a)
+  b = make(); b.set_state(a.get_state()); next(b)  # as a resumed run does
+  print("workers before:", len(multiprocessing.active_children()), flush=True)
+  for it in (a, b, b):  # twice is harmless
+    data_lib.close_iterator(it)
+  print("workers after:", len(multiprocessing.active_children()), flush=True)
+if __name__ == "__main__":
+  main()
+"""
+
+
+def test_closed_loader_iterators_leave_no_workers_or_exit_noise(tmp_path):
+  script = tmp_path / "close_loaders.py"
+  script.write_text(_CLOSE_SCRIPT)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+  p = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                     env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)), timeout=120)
+  assert p.returncode == 0, p.stderr[-3000:]
+  before = int(p.stdout.split("workers before:")[1].split()[0])
+  assert before >= 1 and "workers after: 0" in p.stdout, p.stdout
+  for noise in ("handle is closed", "leaked shared_memory", "Traceback", "Exception ignored"):
+    assert noise not in p.stderr, p.stderr[-3000:]
+
+
 # ---- logs --------------------------------------------------------------------------------------
 
 def test_orbax_and_grain_info_lines_are_filtered_but_warnings_kept():

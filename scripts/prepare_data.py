@@ -2,7 +2,8 @@
 
   python scripts/prepare_data.py --dataset cityscapes --manual_dir DIR --data_dir DIR
 
-See docs/DATA.md for the files each dataset expects in --manual_dir.
+See docs/DATA.md for the files each dataset expects in --manual_dir. Archives that changed
+since the last run (size or mtime) are extracted again (pixcon_jax/data/prepare.py).
 """
 import json
 
@@ -20,7 +21,11 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to write.", req
 
 def main(argv):
   del argv
-  counts = prepare_dataset(_DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value)
+  try:
+    counts = prepare_dataset(_DATASET.value, manual_dir=_MANUAL_DIR.value,
+                             data_dir=_DATA_DIR.value)
+  except FileNotFoundError as e:  # A missing manual download: the message names the files.
+    raise SystemExit(f"error: {' '.join(str(e).split())}") from None
   print(json.dumps({"dataset": _DATASET.value, "data_dir": _DATA_DIR.value, "splits": counts}))
 
 

@@ -372,6 +372,18 @@ def test_convert_checkpoint_names_a_text_file_posing_as_npz(tmp_path):
   assert "allow_pickle" not in p.stdout + p.stderr
 
 
+def test_prepare_data_missing_zip_is_one_line(tmp_path):
+  p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset", "cityscapes",
+                      "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "d")], cwd=REPO,
+                     env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines()[-1].startswith(
+      "error: Cityscapes: missing ['leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip'] in "
+      f"manual directory '{tmp_path}'"), p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
+
+
 def test_prepare_data_redoes_an_extraction_of_a_replaced_zip(tmp_path, caplog):
   from pixcon_jax.data import prepare  # pylint: disable=g-import-not-at-top
   manual, downloads = tmp_path / "manual", tmp_path / "data" / "downloads"

@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from pixcon_jax import host_memory
@@ -132,7 +133,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"--config={config_file}: {type(e).__name__}: {_innermost_message(e)}")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+  """Validates the config, then runs its mode; bad input and early stops end in one line."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.eigen_dots:
@@ -163,7 +165,7 @@ def main(argv):
     fail(str(e), e.exit_code, prefix="stopped")
 
 
-def run_mode(config, workdir: str) -> None:
+def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Dispatches on `config.mode` (validated): train, eval or predict."""
   mode = config.get("mode", "train")
   if mode == "train":

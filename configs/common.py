@@ -33,7 +33,8 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.mode = "train"  # train | eval | predict.
   c.seed = 0  # Model init, data order, contrast sampling.
   c.init_from = placeholder(str)  # Orbax checkpoint of converted weights ({params, batch_stats}); never overrides a resume.
-  c.init_from_scope = "backbone"  # backbone (ImageNet weights) | full (an official checkpoint).
+  c.init_from_scope = "backbone"  # backbone (ImageNet weights) | full (an official checkpoint) | partial (whatever matches).
+  c.init_from_max_mismatch = 0.05  # backbone/full: fail if more of the arrays in scope are missing or differ in shape.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model  # Registry name, see pixcon_jax.models.model_names().

@@ -11,14 +11,17 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from etils import epath
 import grain.python as grain
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from pixcon_jax import validation
 
 STATE = "state"
 DATA = "data"
@@ -62,6 +65,108 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return restored[STATE], restored[DATA]
 
 
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+  """A pytree path as plain names: a dataclass field and the dict key it is saved as agree."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def shape_differences(manager: ocp.CheckpointManager, step: int, abstract_state: Any
+                      ) -> tuple[list[str], list[str]]:
+  """Compares the checkpoint's state arrays with the configured ones, from metadata only.
+
+  Returns:
+    (arrays of both with other shapes, arrays of only one side), each entry as
+    'path: checkpoint shape vs config shape'.
+  """
+  saved = manager.item_metadata(step)[STATE]
+  saved_shapes = {_path_names(p): tuple(m.shape) for p, m in
+                  jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(m, "shape")}
+  wanted = {_path_names(p): tuple(leaf.shape) for p, leaf in
+            jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  differ, one_side = [], []
+  for name in sorted(set(saved_shapes) | set(wanted)):
+    got, want = saved_shapes.get(name), wanted.get(name)
+    if got != want:
+      (differ if got is not None and want is not None else one_side).append(
+          f"{'/'.join(name)}: {got if got is not None else 'absent'} in the checkpoint vs "
+          f"{want if want is not None else 'absent'} from the config")
+  return differ, one_side
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Renames the unreadable step's folder (kept for inspection) so that it can be saved anew."""
+  src = epath.Path(manager.directory) / str(step)
+  dst = src.parent / f"{step}.unreadable"
+  n = 1
+  while dst.exists():
+    n += 1
+    dst = src.parent / f"{step}.unreadable{n}"
+  if jax.process_index() == 0 and src.exists():
+    src.rename(dst)
+  return str(dst)
+
+
+def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any,
+                            *, explain_shapes: Callable[[], str] = lambda: ""
+                            ) -> tuple[Any, Any, int] | None:
+  """Restores the newest checkpoint that reads back, skipping (and setting aside) broken ones.
+
+  Args:
+    abstract_state: ShapeDtypeStructs with shardings of the configured state.
+    explain_shapes: called when the shapes differ; returns extra text for the message (e.g.
+      the config keys that differ from the run's saved config).
+  Returns:
+    (state, data iterator, step), or None when the workdir has no checkpoint.
+  Raises:
+    ConfigError when the newest readable checkpoint has other shapes than the config (a
+    workdir of another model), or when no checkpoint reads back.
+  """
+  skipped = []
+  workdir = os.path.dirname(str(manager.directory))
+
+  def other_model(step, differences):
+    return validation.ConfigError(
+        f"--workdir={workdir} holds a checkpoint (step {step}) of another model: "
+        f"{len(differences)} arrays differ, e.g. {'; '.join(differences[:3])}."
+        f"{explain_shapes()} Use another --workdir for this config (or the config that run was "
+        f"trained with).")
+
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      differ, one_side = shape_differences(manager, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except  # unreadable metadata
+      differ, one_side, reason = [], [], e
+    else:
+      reason = None
+    if differ:
+      raise other_model(step, differ)
+    if reason is None:
+      try:
+        state, data_iter = restore(manager, step, abstract_state, data_iter)
+        if skipped:
+          manager.reload()  # Forget the steps set aside, so they can be saved anew.
+        return state, data_iter, step
+      except Exception as e:  # pylint: disable=broad-except  # any read error: try an older one
+        if one_side:  # Another state structure (e.g. memory settings), not a broken file.
+          raise other_model(step, one_side) from e
+        reason = e
+    moved = _set_aside(manager, step)
+    logging.warning("checkpoint of step %d is unreadable (%s); moved it to %s and trying the "
+                    "previous one", step, _first_line(reason), moved)
+    skipped.append(step)
+  if skipped:
+    manager.reload()
+    raise validation.ConfigError(
+        f"no readable checkpoint under {manager.directory} (steps {skipped} set aside as "
+        f"*.unreadable); delete that folder or use another --workdir to start afresh")
+  return None
+
+
 def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
   """The train state of a run's checkpoint (latest, or `step`), e.g. for evaluation."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -82,6 +187,24 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
 
 # ------------------------------------------------------------------------------------------
 # Stop requests: SIGTERM and TPU preemption notices.
+
+EXIT_STOPPED = 128 + signal.SIGTERM  # 143, as a shell reports a SIGTERM'd process.
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130 after Ctrl-C.
+
+
+class Stopped(Exception):
+  """Training stopped early by a signal or preemption notice, after saving a checkpoint.
+
+  `exit_code` (143, or 130 for SIGINT) lets a job wrapper tell "preempted, rerun to resume"
+  from "finished" (0).
+  """
+
+  def __init__(self, signal_name: str, step: int, workdir: str):
+    self.exit_code = EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_STOPPED
+    super().__init__(f"{signal_name} received: saved the checkpoint of step {step} in {workdir}; "
+                     f"rerun the same command to resume (exit code {self.exit_code})")
+    self.step = step
+
 
 class StopRequest:
   """A flag set by SIGTERM (and SIGINT), polled by the loop once per step.
@@ -154,6 +277,10 @@ def restore_as_numpy(path: str) -> Any:
 def load_pretrained(path: str) -> dict[str, Any]:
   """Reads an orbax checkpoint of {params, batch_stats} (scripts/convert_checkpoint.py) as numpy."""
   path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise validation.MissingInputError(
+        f"config.init_from={path!r}: no such file or directory, so no orbax checkpoint to load; "
+        f"give the --out folder of scripts/convert_checkpoint.py")
   candidates = [path, os.path.join(path, "default"), os.path.join(path, STATE)]
   last_error = None
   for p in candidates:
@@ -166,8 +293,10 @@ def load_pretrained(path: str) -> dict[str, Any]:
       continue
     if isinstance(tree, Mapping) and "params" in tree:
       return dict(tree)  # Already host numpy (restore_as_numpy).
-  raise FileNotFoundError(f"config.init_from={path!r}: no orbax checkpoint with 'params' found "
-                          f"(tried {candidates}; last error: {last_error})")
+  raise validation.MissingInputError(
+      f"config.init_from={path!r}: no orbax checkpoint with 'params' found (tried {candidates}; "
+      f"last error: {_first_line(last_error) if last_error else None}); give the --out folder of "
+      f"scripts/convert_checkpoint.py")
 
 
 def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any], *,
@@ -182,7 +311,7 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any]
     '/'-joined paths.
   """
   if scope not in ("full", "backbone"):
-    raise ValueError(f"config.init_from_scope must be 'full' or 'backbone', got {scope!r}")
+    raise validation.ConfigError(f"config.init_from_scope must be 'full' or 'backbone', got {scope!r}")
   report = {"loaded": [], "missing": [], "unexpected": [], "shape_mismatch": []}
 
   def flat(tree, prefix=()):

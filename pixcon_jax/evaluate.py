@@ -464,8 +464,9 @@ def load_variables(config: Any, workdir: str, exp: Any = None) -> tuple[dict[str
     variables = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
     _check_complete(variables, exp.eval_model, f"config.init_from={config.init_from!r}")
     return jax.device_put(variables, rep), f"init_from {config.init_from}", 0
-  raise FileNotFoundError(f"no checkpoint under {ckpt_dir} and config.init_from is not set: "
-                          "nothing to evaluate")
+  from pixcon_jax import validation  # pylint: disable=g-import-not-at-top
+  raise validation.MissingInputError(
+      f"no checkpoint under {ckpt_dir} and config.init_from is not set: nothing to evaluate")
 
 
 def _settings_dict(settings: InferenceSettings) -> dict[str, Any]:

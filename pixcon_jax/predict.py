@@ -35,12 +35,15 @@ from PIL import Image
 
 from pixcon_jax import evaluate
 from pixcon_jax import precision
+from pixcon_jax import validation
 from pixcon_jax.data import classes
 from pixcon_jax.data import transforms
 
 # `config.predict.label_format`: what the label PNGs hold.
 LABEL_FORMATS = ("train_id", "label_id")
 _CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit"
+# PIL modes of 16/32-bit integer grayscale images; convert("RGB") would clip them at 255.
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _predict_config(config: Any) -> tuple[str, str]:
@@ -48,11 +51,16 @@ def _predict_config(config: Any) -> tuple[str, str]:
   input_dir = pred.get("input_dir") if hasattr(pred, "get") else None
   output_dir = pred.get("output_dir") if hasattr(pred, "get") else None
   if not input_dir:
-    raise ValueError("mode 'predict' needs --config.predict.input_dir=<folder of images>")
+    raise validation.ConfigError(
+        "mode 'predict' needs --config.predict.input_dir=<folder of images>")
   if not output_dir:
-    raise ValueError("mode 'predict' needs --config.predict.output_dir=<folder for the PNGs>")
+    raise validation.ConfigError(
+        "mode 'predict' needs --config.predict.output_dir=<folder for the PNGs>")
   if not os.path.isdir(input_dir):
-    raise FileNotFoundError(f"config.predict.input_dir={input_dir!r} is not a directory")
+    raise validation.MissingInputError(
+        f"config.predict.input_dir={input_dir!r} is not a directory")
+  # Before the model runs: a file in the way would otherwise fail at the first write.
+  validation.check_output_dir(output_dir, "config.predict.output_dir")
   return input_dir, output_dir
 
 
@@ -86,14 +94,25 @@ def list_inputs(input_dir: str) -> list[str]:
   names = sorted(n for n in os.listdir(input_dir)
                  if not n.startswith(".") and os.path.isfile(os.path.join(input_dir, n)))
   if not names:
-    raise ValueError(f"config.predict.input_dir={input_dir!r} is empty: no image to predict")
+    raise validation.ConfigError(
+        f"config.predict.input_dir={input_dir!r} is empty: no image to predict")
   return names
 
 
 def read_image(path: str) -> np.ndarray:
-  """[H, W, 3] uint8 RGB; raises OSError / ValueError when PIL cannot decode the file."""
+  """[H, W, 3] uint8 RGB; raises OSError / ValueError when PIL cannot decode the file.
+
+  16-bit grayscale (PIL mode I;16 or I) is scaled to 8 bits (value / 257, the map of
+  0..65535 onto 0..255) with a warning; PIL's own conversion would clip it at 255.
+  """
   with Image.open(path) as img:
     img.load()
+    if img.mode in WIDE_GRAY_MODES:
+      wide = np.asarray(img).astype(np.float64)
+      logging.warning("%s is %s grayscale (max %d): scaled to 8 bits as value / 257 and "
+                      "repeated to RGB", path, img.mode, int(wide.max(initial=0)))
+      gray = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+      return np.repeat(gray[..., None], 3, axis=-1)
     return np.asarray(img.convert("RGB"))
 
 
@@ -195,8 +214,9 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   if not report["written"] and not report["skipped"]:
     pass  # this process had no share of the files
   elif not report["written"]:
-    raise ValueError(f"config.predict.input_dir={input_dir!r} holds no readable image "
-                     f"(skipped {[s['input'] for s in report['skipped']]})")
+    raise validation.ConfigError(
+        f"config.predict.input_dir={input_dir!r} holds no readable image "
+        f"(skipped {[s['input'] for s in report['skipped']]})")
   os.makedirs(output_dir, exist_ok=True)
   suffix = "" if jax.process_count() == 1 else f"_{jax.process_index()}"
   with open(os.path.join(output_dir, f"predict_report{suffix}.json"), "w") as f:

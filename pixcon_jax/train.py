@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 
 from pixcon_jax import checkpointing
 from pixcon_jax import data as data_lib
@@ -27,6 +29,7 @@ from pixcon_jax import models
 from pixcon_jax import precision
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
+from pixcon_jax import validation
 from pixcon_jax.models import conv as conv_lib
 
 
@@ -121,28 +124,69 @@ def abstract_of(state: Any) -> Any:
 
 
 def apply_init_from(exp: Experiment, state: train_step_lib.TrainState) -> train_step_lib.TrainState:
-  """Loads converted weights (`config.init_from`) into a fresh state: full model or backbone."""
+  """Loads converted weights (`config.init_from`) into a fresh state: full model or backbone.
+
+  Scope 'backbone' or 'full' fails when more than `config.init_from_max_mismatch` of the
+  model's arrays in scope are missing from the checkpoint or have other shapes (another
+  architecture would otherwise train on from random weights); 'partial' loads whatever
+  matches and lists the rest at WARNING.
+  """
   c = exp.config
+  scope = c.init_from_scope
   pretrained = checkpointing.load_pretrained(c.init_from)
   variables = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
   merged, report = checkpointing.merge_pretrained(
-      variables, pretrained, scope=c.init_from_scope,
+      variables, pretrained, scope="full" if scope == "partial" else scope,
       backbone_prefix=models.backbone_param_prefix(c.model.name))
+  bad = report["missing"] + report["shape_mismatch"]
+  in_scope = len(report["loaded"]) + len(bad)
+  limit = float(c.get("init_from_max_mismatch", 0.0))
+  if scope != "partial" and (not report["loaded"] or len(bad) > limit * in_scope):
+    raise validation.ConfigError(
+        f"config.init_from={c.init_from!r} does not fit {c.model.name!r} (scope {scope!r}): "
+        f"{len(bad)} of {in_scope} arrays are missing or have other shapes (e.g. "
+        f"{'; '.join(bad[:3])}), more than config.init_from_max_mismatch={limit}. Convert the "
+        f"checkpoint for this model and config.model.overrides, or set "
+        f"config.init_from_scope=partial to load only the matching arrays.")
   logging.info("init_from %s (%s): loaded %d arrays; %d missing, %d unexpected, %d shape "
-               "mismatches", c.init_from, c.init_from_scope, len(report["loaded"]),
+               "mismatches", c.init_from, scope, len(report["loaded"]),
                len(report["missing"]), len(report["unexpected"]), len(report["shape_mismatch"]))
   for key in ("missing", "unexpected", "shape_mismatch"):
     if report[key]:
-      logging.info("init_from %s: %s", key, report[key][:20])
-  if not report["loaded"]:
-    raise ValueError(f"config.init_from={c.init_from!r} matched no array of {c.model.name!r} "
-                     f"(scope {c.init_from_scope!r})")
+      logging.log(logging.WARNING if key != "unexpected" else logging.INFO,
+                  "init_from %s (%d, not loaded): %s", key, len(report[key]), report[key][:20])
   rep = sharding.replicated(exp.mesh)
   params = jax.device_put(merged["params"], rep)
   batch_stats = jax.device_put(merged["batch_stats"], rep)
   # The momentum buffers start at zero either way; re-init keeps the tree structure.
   opt_state = jax.jit(exp.tx.init, out_shardings=rep)(params)
   return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
+CONFIG_FILE = "config.json"  # The run's config, written at its start (names keys on a mismatch).
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `workdir/config.json` (process 0) unless the run already has one."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if jax.process_index() == 0 and not path.exists():
+    path.write_text(config.to_json_best_effort(indent=1))
+
+
+def config_differences(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """' Config keys that differ from the run's config.json: model.x (a vs b); ...' or ''."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  try:
+    saved = _flatten(json.loads(path.read_text()))
+  except (OSError, ValueError):
+    return ""
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+          and k.split(".")[0] in ("model", "memory", "data", "contrast")]
+  if not keys:
+    return ""
+  return (" Config keys that differ from the run's " + CONFIG_FILE + ": " + "; ".join(
+      f"config.{k} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in keys[:6]) + ".")
 
 
 # ------------------------------------------------------------------------------------------
@@ -188,14 +232,22 @@ def evaluate(exp: Experiment, evaluator: Any, state: train_step_lib.TrainState,
   c = exp.config
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   t0 = time.time()
-  metrics = evaluator(variables, make_eval_iterator(exp), max_batches=c.eval.get("max_batches"))
+  eval_iter = make_eval_iterator(exp)
+  try:
+    metrics = evaluator(variables, eval_iter, max_batches=c.eval.get("max_batches"))
+  finally:
+    data_lib.close_iterator(eval_iter)  # Else its workers linger until exit (see there).
   scalars = {f"eval/{k}": float(v) for k, v in metrics.items()
              if np.ndim(v) == 0 and np.isfinite(float(v))}
   scalars["eval/seconds"] = time.time() - t0
   writer.write_scalars(step, scalars)
   num = int(c.eval.get("num_summary_images", 0))
   if num > 0:
-    first = next(iter(make_eval_iterator(exp)))
+    first_iter = make_eval_iterator(exp)
+    try:
+      first = next(first_iter)
+    finally:
+      data_lib.close_iterator(first_iter)
     valid = np.asarray(first.get("valid", np.ones(len(first["image"]), bool)))
     first = {k: np.asarray(v)[valid] for k, v in first.items() if k in ("image", "label")}
     if len(first["image"]):
@@ -224,8 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   Returns:
-    The final evaluation metrics (`miou`, `iou/<class>`, ...), or {} if stopped early by a
-    signal / preemption (after saving a checkpoint).
+    The final evaluation metrics (`miou`, `iou/<class>`, ...).
+  Raises:
+    checkpointing.Stopped after saving a checkpoint when a signal or preemption notice stopped
+    the run early (its `exit_code` is what `main` exits with).
+    validation.InputError for a workdir or init_from that does not fit the config.
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -241,13 +296,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       c.data, c.augment, batch_size_per_process=exp.batch_per_process, seed=int(c.data.seed),
       process_index=jax.process_index(), process_count=jax.process_count())
   manager = checkpointing.make_manager(workdir, c)
-  latest = manager.latest_step()
-  if latest is not None:
+  try:
     # A resume always wins over init_from: the checkpoint has the trained weights.
-    state, train_iter = checkpointing.restore(manager, latest, abstract_of(state), train_iter)
-    logging.info("resumed from step %d in %s", latest, workdir)
-  elif c.get("init_from"):
-    state = apply_init_from(exp, state)
+    resumed = checkpointing.restore_latest_readable(
+        manager, abstract_of(state), train_iter,
+        explain_shapes=lambda: config_differences(c, workdir))
+    if resumed is not None:
+      state, train_iter, latest = resumed
+      logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
+    elif c.get("init_from"):
+      state = apply_init_from(exp, state)
+    save_run_config(c, workdir)
+  except BaseException:
+    manager.close()  # Else orbax's background threads fail again at interpreter exit.
+    raise
   start_step = int(jax.device_get(state.step))
 
   step_fn = train_step_lib.make_train_step(c, exp.train_model, exp.tx, exp.mesh)
@@ -299,6 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointing.save(manager, step, state, train_iter,
                            metrics={checkpointing.BEST_METRIC: float(eval_metrics["miou"])}
                            if is_eval else None)
+        logging.info("step %d: checkpoint saved", step)
 
       if not is_last and stop.should_stop(manager, step):
         _check_finite(metrics, step, manager)
@@ -308,9 +371,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("%s received: saved the checkpoint of step %d in %s; exiting.",
                         stop.signal_name, step, workdir)
         writer.flush()
-        return {}
+        manager.close()
+        raise checkpointing.Stopped(stop.signal_name or "stop request", step, workdir)
   finally:
     stop.uninstall()
+    data_lib.close_iterator(train_iter)
     manager.wait_until_finished()
     writer.flush()
 

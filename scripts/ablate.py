@@ -288,12 +288,18 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
   try:
     seeds = parse_seeds(FLAGS.seeds)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  results = run_ablation(FLAGS.config, FLAGS.table, FLAGS.steps, FLAGS.workdir,
-                         only=FLAGS.variants, seeds=seeds)
+  try:
+    results = run_ablation(FLAGS.config, FLAGS.table, FLAGS.steps, FLAGS.workdir,
+                           only=FLAGS.variants, seeds=seeds)
+  except checkpointing.Stopped as e:
+    # The variant's checkpoint is saved; a rerun resumes it and skips the finished ones' work.
+    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   md, js = write_results(results, FLAGS.workdir, FLAGS.table)
   print(md)
   print(js)

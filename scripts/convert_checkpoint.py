@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import zipfile
 from typing import Any
 
 from absl import app
@@ -59,8 +60,14 @@ def _config_dict(obj: Any) -> dict[str, Any] | None:
 def load_checkpoint(path: pathlib.Path, allow_pickle: bool = False
                     ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
   """(name -> numpy array, the checkpoint's `config_dict` or None) from a .npz or a .pth."""
+  if not path.is_file():
+    raise SystemExit(f"error: --torch={path}: no such file")
   if path.suffix == ".npz":
-    with np.load(path) as f:
+    # np.load reads a non-zip file as a pickle and then blames allow_pickle; say what it is.
+    if not zipfile.is_zipfile(path):
+      raise SystemExit(f"error: --torch={path} is not an .npz archive (not a zip file); give "
+                       f"the state_dict saved with numpy.savez, or the .pth itself")
+    with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}, None
   try:
     import torch  # pylint: disable=g-import-not-at-top

@@ -2,7 +2,8 @@
 
   python scripts/prepare_data.py --dataset cityscapes --manual_dir DIR --data_dir DIR
 
-See docs/DATA.md for the files each dataset expects in --manual_dir.
+See docs/DATA.md for the files each dataset expects in --manual_dir. Archives that changed
+since the last run (size or mtime) are extracted again (pixcon_jax/data/prepare.py).
 """
 import json
 import os
@@ -23,7 +24,10 @@ def main(argv):
   del argv
   # `--data_dir=~/tfds`: the shell expands no `~` after `=`.
   manual_dir, data_dir = (os.path.expanduser(d) for d in (_MANUAL_DIR.value, _DATA_DIR.value))
-  counts = prepare_dataset(_DATASET.value, manual_dir=manual_dir, data_dir=data_dir)
+  try:
+    counts = prepare_dataset(_DATASET.value, manual_dir=manual_dir, data_dir=data_dir)
+  except FileNotFoundError as e:  # A missing manual download: the message names the files.
+    raise SystemExit(f"error: {' '.join(str(e).split())}") from None
   print(json.dumps({"dataset": _DATASET.value, "data_dir": data_dir, "splits": counts}))
 
 

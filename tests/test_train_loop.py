@@ -140,7 +140,8 @@ def test_tensorboard_has_losses_miou_per_class_iou_and_images(runs):
 
 
 def test_sigterm_saves_and_exits_cleanly(runs):
-  assert runs["rc_term"] == 0, _log(runs, "b_term")
+  # 143 = checkpointing.EXIT_STOPPED: "saved, rerun to resume", unlike 0 = finished.
+  assert runs["rc_term"] == 143, _log(runs, "b_term")
   assert "final mIoU" not in runs["out_term"]
   assert runs["steps_after_term"] and runs["steps_after_term"][-1] < TOTAL_STEPS, runs
   assert "SIGTERM received" in _log(runs, "b_term")

@@ -16,6 +16,7 @@ from pixcon_jax.data.defaults import default_data_config
 from pixcon_jax.data.info import DATASETS
 from pixcon_jax.data.info import DatasetInfo
 from pixcon_jax.data.info import get_dataset_info
+from pixcon_jax.data.pipeline import close_iterator
 from pixcon_jax.data.pipeline import make_eval_iterator
 from pixcon_jax.data.pipeline import make_train_iterator
 from pixcon_jax.data.pipeline import make_train_loader

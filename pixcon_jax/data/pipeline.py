@@ -185,3 +185,17 @@ def make_eval_iterator(data_cfg: Mapping[str, Any], augment_cfg: Mapping[str, An
       read_options=grain.ReadOptions(num_threads=int(_get(data_cfg, "read_threads", 4)),
                                      prefetch_buffer_size=max(8, 2 * batch_size_per_process)))
   return iter(loader)
+
+
+def close_iterator(iterator: Any) -> None:
+  """Stops a loader iterator's worker processes now, releasing its prefetched batches.
+
+  Left to garbage collection at interpreter exit, grain's finalizers ran after the workers'
+  queues were closed ("OSError: handle is closed" after a run's last line) and the batches
+  still in flight stayed in shared memory. `grain.DataLoaderIterator` has no public close,
+  so this closes the dataset iterator it wraps; safe to call twice.
+  """
+  inner = getattr(iterator, "_iterator", iterator)
+  close = getattr(inner, "close", None)
+  if callable(close):
+    close()

@@ -1,0 +1,494 @@
+"""Bad inputs end in one short message naming the key or file and what to do (issue 19).
+
+In-process where the message is the point (config validation, the checkpoint restore, init_from,
+predict, prepare_data); a subprocess of `pixcon_jax.main` where the exit code and the last
+line of output are (flag parsing, the early config check). One tiny workdir with two
+checkpoints, written without training, serves the checkpoint cases.
+"""
+import importlib.util
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixcon_jax import checkpointing
+from pixcon_jax import log_filters
+from pixcon_jax import predict
+from pixcon_jax import validation
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(widths=(4, 8, 16, 32), stage_modules=(1, 1, 1), num_blocks=1, stem_width=8,
+            layer1_planes=4, layer1_blocks=1)
+
+
+def demo_config(**overrides) -> ml_collections.ConfigDict:
+  """configs/demo.py:runlocal shrunk to a seconds-long init (4-32 channel HRNet, 32x32 crops)."""
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("runlocal")
+  c.model.overrides = ml_collections.ConfigDict(dict(TINY, **overrides))
+  c.model.proj_dim = 8
+  c.data.batch_size = 2
+  c.data.crop_size = (32, 32)
+  c.data.synthetic_size = (32, 64)
+  c.data.eval_pad_size = (32, 64)
+  c.data.synthetic_num_train = 4
+  c.data.synthetic_num_val = 2
+  c.data.eval_batch_size = 2
+  c.data.worker_count = 0
+  c.memory.pixel_queue_size = 16
+  c.checkpoint.async_save = False
+  return c
+
+
+def _main(*args, timeout=120):
+  """`python -m pixcon_jax.main ARGS` -> (exit code, last non-empty line of stdout+stderr, all)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "pixcon_jax.main", "--nohugepages", *args], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=timeout)
+  out = p.stdout + p.stderr
+  lines = [line for line in out.splitlines() if line.strip()]
+  return p.returncode, (lines[-1] if lines else ""), out
+
+
+def _built(config):
+  """(Experiment, state, new train iterator) of `config`.
+
+  The state has the configured shapes and shardings but zeros for values: the restore and
+  init_from checks only need shapes, and the tiny HRNet's real init takes a minute to compile
+  on a busy 2-core machine.
+  """
+  from pixcon_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  exp = train.setup(config)
+  shapes = jax.eval_shape(lambda: train.initial_state(exp))
+  rep = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  state = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), rep), shapes)
+  it = data_lib.make_train_iterator(config.data, config.augment, batch_size_per_process=2,
+                                    seed=0, process_index=0, process_count=1)
+  return exp, state, it
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A run directory with checkpoints of steps 1 and 2 and its config.json (no training)."""
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  config = demo_config()
+  path = tmp_path_factory.mktemp("bad_inputs") / "run"
+  _, state, it = _built(config)
+  manager = checkpointing.make_manager(str(path), config)
+  for step in (1, 2):
+    checkpointing.save(manager, step, state.replace(step=state.step + step), it)
+  manager.wait_until_finished()
+  manager.close()
+  train.save_run_config(config, str(path))
+  return path
+
+
+def _copy(workdir, tmp_path):
+  dst = tmp_path / "run"
+  shutil.copytree(workdir, dst)
+  return dst
+
+
+# ---- the command line: one line, exit code 2, no traceback ------------------------------------
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.schedule.total_step=5",
+     "--config.schedule.total_step=5: the config has no key 'total_step'. "
+     "Did you mean \"total_steps\""),
+    ("--config.foo=1", "--config.foo=1: the config has no key 'foo'"),
+])
+def test_misspelt_config_key_is_one_line_with_the_hint(tmp_path, override, expected):
+  rc, last, out = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}", override)
+  assert rc == validation.EXIT_BAD_INPUT
+  assert last.startswith("error: " + expected), out
+  assert "Traceback" not in out
+
+
+def test_missing_config_file_is_named(tmp_path):
+  rc, last, out = _main("--config=configs/nonexistent.py", f"--workdir={tmp_path}")
+  assert rc == validation.EXIT_BAD_INPUT
+  assert last.startswith("error: --config=configs/nonexistent.py: no such file"), out
+  assert "Traceback" not in out
+
+
+def test_zero_total_steps_fails_before_compiling(tmp_path):
+  rc, last, out = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
+                        "--config.schedule.total_steps=0")
+  assert rc == validation.EXIT_BAD_INPUT
+  assert last == "error: config.schedule.total_steps=0: expected a positive integer", out
+  assert "final mIoU" not in out and not (tmp_path / "checkpoints").exists()
+
+
+def test_workdir_that_is_a_file_is_named(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  rc, last, out = _main("--config=configs/demo.py:runlocal", f"--workdir={afile}")
+  assert rc == validation.EXIT_BAD_INPUT
+  assert last.startswith(f"error: --workdir={str(afile)!r} is a file: expected a directory"), out
+
+
+# ---- config validation (in process) -----------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [
+    ("schedule.total_steps", 0), ("eval.every_steps", 0), ("checkpoint.every_steps", -1),
+    ("log.every_steps", 0), ("data.batch_size", 0), ("checkpoint.max_to_keep", 0),
+])
+def test_step_counts_must_be_positive(key, value):
+  config = demo_config()
+  group, name = key.split(".")
+  config[group][name] = value
+  with pytest.raises(validation.ConfigError,
+                     match=f"^config.{key}={value}: expected a positive integer$"):
+    validation.validate_config(config)
+
+
+def test_unknown_scope_and_mismatch_fraction_are_named():
+  config = demo_config()
+  config.init_from_scope = "everything"
+  with pytest.raises(validation.ConfigError, match="config.init_from_scope='everything'"):
+    validation.validate_config(config)
+  config = demo_config()
+  config.init_from_max_mismatch = 2.0
+  with pytest.raises(validation.ConfigError, match=r"config.init_from_max_mismatch=2.0: .*\[0, 1\]"):
+    validation.validate_config(config)
+  validation.validate_config(demo_config())  # The shipped config passes.
+
+
+def test_predict_output_dir_under_a_file_fails_before_the_model_runs(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / "a.png")
+  config = demo_config()
+  config.mode = "predict"
+  config.predict.input_dir = str(inputs)
+  config.predict.output_dir = str(afile / "out")
+  with pytest.raises(validation.ConfigError, match=f"config.predict.output_dir=.*is under the "
+                     f"file '{afile}'"):
+    validation.validate_config(config)
+  # predict_folder itself checks it too, before building the model (an empty workdir would
+  # otherwise fail later with "no checkpoint").
+  with pytest.raises(validation.ConfigError, match="config.predict.output_dir"):
+    predict.predict_folder(config, str(tmp_path / "work"))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def _truncate_largest_file(step_dir: pathlib.Path) -> pathlib.Path:
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  with open(biggest, "r+b") as f:
+    f.truncate(biggest.stat().st_size // 3)
+  return biggest
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(workdir, tmp_path, caplog):
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  run = _copy(workdir, tmp_path)
+  _truncate_largest_file(run / "checkpoints" / "2" / "state")
+  config = demo_config()
+  _, state, it = _built(config)
+  manager = checkpointing.make_manager(str(run), config)
+  with caplog.at_level(logging.WARNING):
+    restored, _, step = checkpointing.restore_latest_readable(manager, train.abstract_of(state), it)
+  assert step == 1 and int(restored.step) == int(state.step) + 1
+  assert "checkpoint of step 2 is unreadable" in caplog.text
+  assert (run / "checkpoints" / "2.unreadable").is_dir()  # Kept for a look, out of the way.
+  # The run can save step 2 again.
+  checkpointing.save(manager, 2, restored, it)
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [1, 2]
+  manager.close()
+
+
+def test_no_readable_checkpoint_names_the_folder(workdir, tmp_path):
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  run = _copy(workdir, tmp_path)
+  for step in ("1", "2"):
+    _truncate_largest_file(run / "checkpoints" / step / "state")
+  config = demo_config()
+  _, state, it = _built(config)
+  manager = checkpointing.make_manager(str(run), config)
+  with pytest.raises(validation.ConfigError, match=r"no readable checkpoint under .*checkpoints "
+                     r"\(steps \[2, 1\] set aside"):
+    checkpointing.restore_latest_readable(manager, train.abstract_of(state), it)
+  manager.close()
+
+
+def test_resume_with_other_widths_names_keys_and_shapes(workdir, tmp_path):
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  run = _copy(workdir, tmp_path)
+  config = demo_config(widths=(4, 8, 16, 24))
+  _, state, it = _built(config)
+  manager = checkpointing.make_manager(str(run), config)
+  with pytest.raises(validation.ConfigError) as e:
+    checkpointing.restore_latest_readable(
+        manager, train.abstract_of(state), it,
+        explain_shapes=lambda: train.config_differences(config, str(run)))
+  manager.close()
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]  # Untouched.
+  msg = str(e.value)
+  assert "holds a checkpoint (step 2) of another model" in msg
+  assert "in the checkpoint vs" in msg and "32" in msg and "24" in msg
+  assert "config.model.overrides.widths ([4, 8, 16, 32] there, [4, 8, 16, 24] now)" in msg
+  assert "Use another --workdir" in msg
+  assert "strict" not in msg
+
+
+# ---- init_from ---------------------------------------------------------------------------------
+
+def _save_variables(path, state):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  variables = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+  ocp.PyTreeCheckpointer().save(str(path), variables)
+
+
+def test_init_from_another_architecture_fails_unless_partial(tmp_path, caplog):
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  _, other, _ = _built(demo_config(widths=(4, 8, 16, 24), stem_width=4))
+  _save_variables(tmp_path / "other", other)
+  config = demo_config()
+  config.init_from = str(tmp_path / "other")
+  config.init_from_scope = "full"
+  exp, state, _ = _built(config)
+  with pytest.raises(validation.ConfigError) as e:
+    train.apply_init_from(exp, state)
+  msg = str(e.value)
+  assert f"config.init_from={config.init_from!r} does not fit 'hrnet_w18_contrast'" in msg
+  assert "more than config.init_from_max_mismatch=0.05" in msg
+  assert "config.init_from_scope=partial" in msg
+  # Explicitly partial: loads what matches and reports the rest at WARNING.
+  config.init_from_scope = "partial"
+  with caplog.at_level(logging.WARNING):
+    loaded = train.apply_init_from(exp, state)
+  assert "init_from shape_mismatch" in caplog.text
+  assert any(r.levelno == logging.WARNING and "shape_mismatch" in r.getMessage()
+             for r in caplog.records)
+  assert jax.tree.structure(loaded.params) == jax.tree.structure(state.params)
+
+
+def test_init_from_within_the_mismatch_fraction_loads(tmp_path):
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  config = demo_config()
+  exp, state, _ = _built(config)
+  _save_variables(tmp_path / "same", state)
+  config.init_from = str(tmp_path / "same")
+  config.init_from_scope = "full"
+  loaded = train.apply_init_from(exp, state)
+  np.testing.assert_array_equal(jax.tree.leaves(loaded.params)[0], jax.tree.leaves(state.params)[0])
+
+
+def test_init_from_missing_path_is_the_last_line(tmp_path):
+  """Checked with the config, before orbax starts (its threads failed again at exit)."""
+  rc, last, out = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path / 'w'}",
+                        "--config.init_from=/nonexistent")
+  assert rc == validation.EXIT_BAD_INPUT
+  assert last.startswith("error: config.init_from='/nonexistent': no such file or directory"), out
+  assert "Traceback" not in out and "RuntimeError" not in out
+
+
+def test_init_from_folder_without_a_checkpoint_is_named(tmp_path):
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  (tmp_path / "empty").mkdir()
+  config = demo_config()
+  config.init_from = str(tmp_path / "empty")
+  exp, state, _ = _built(config)
+  with pytest.raises(validation.MissingInputError,
+                     match=f"config.init_from='{tmp_path / 'empty'}': no orbax checkpoint with "
+                     "'params' found"):
+    train.apply_init_from(exp, state)
+
+
+# ---- signals -----------------------------------------------------------------------------------
+
+def test_stopped_by_sigterm_has_a_nonzero_documented_exit_code():
+  stopped = checkpointing.Stopped("SIGTERM", 4, "/runs/a")
+  assert stopped.exit_code == checkpointing.EXIT_STOPPED == 128 + signal.SIGTERM == 143
+  assert str(stopped) == ("SIGTERM received: saved the checkpoint of step 4 in /runs/a; rerun "
+                          "the same command to resume (exit code 143)")
+  assert checkpointing.Stopped("preemption notice", 4, "/a").exit_code == 143
+  assert checkpointing.Stopped("SIGINT", 4, "/a").exit_code == 130
+  assert "143" in (REPO / "README.md").read_text()
+
+
+def test_main_exits_143_with_one_line_when_training_stopped(tmp_path):
+  """main's handling of the loop's Stopped (the loop itself: test_train_loop's SIGTERM run)."""
+  script = (
+      "import sys\n"
+      "from absl import app\n"
+      "from pixcon_jax import checkpointing, main\n"
+      "def stopped(config, workdir):\n"
+      "  raise checkpointing.Stopped('SIGTERM', 4, workdir)\n"
+      "main.run_mode = stopped\n"
+      "app.run(main.main, flags_parser=main.parse_flags)\n")
+  p = subprocess.run([sys.executable, "-c", script, "--nohugepages",
+                      "--config=configs/demo.py:runlocal", f"--workdir={tmp_path}"], cwd=REPO,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 143, p.stderr[-3000:]
+  assert p.stderr.strip().splitlines()[-1] == (
+      f"stopped: SIGTERM received: saved the checkpoint of step 4 in {tmp_path}; rerun the same "
+      f"command to resume (exit code 143)")
+
+
+# ---- predict, convert_checkpoint, prepare_data -------------------------------------------------
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path, caplog):
+  wide = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
+  Image.fromarray(wide).save(tmp_path / "g16.png")
+  with caplog.at_level(logging.WARNING):
+    rgb = predict.read_image(str(tmp_path / "g16.png"))
+  assert rgb.dtype == np.uint8 and rgb.shape == (16, 16, 3)
+  np.testing.assert_array_equal(rgb[..., 0], (wide // 257).astype(np.uint8))  # not all 255
+  assert "g16.png is I;16 grayscale" in caplog.text and "scaled to 8 bits" in caplog.text
+
+
+def test_convert_checkpoint_names_a_text_file_posing_as_npz(tmp_path):
+  fake = tmp_path / "weights.npz"
+  fake.write_text("not an archive\n")
+  p = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--model",
+                      "hrnet_w18_contrast", "--torch", str(fake), "--out", str(tmp_path / "o")],
+                     cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                        PYTHONPATH=str(REPO)),
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 1
+  last = (p.stdout + p.stderr).strip().splitlines()[-1]
+  assert last == (f"error: --torch={fake} is not an .npz archive (not a zip file); give the "
+                  f"state_dict saved with numpy.savez, or the .pth itself")
+  assert "allow_pickle" not in p.stdout + p.stderr
+
+
+def test_prepare_data_missing_zip_is_one_line(tmp_path):
+  p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset", "cityscapes",
+                      "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "d")], cwd=REPO,
+                     env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines()[-1].startswith(
+      "error: Cityscapes: missing ['leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip'] in "
+      f"manual directory '{tmp_path}'"), p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
+
+
+def test_prepare_data_redoes_an_extraction_of_a_replaced_zip(tmp_path, caplog):
+  from pixcon_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  manual, downloads = tmp_path / "manual", tmp_path / "data" / "downloads"
+  manual.mkdir()
+  with zipfile.ZipFile(manual / "data.zip", "w") as z:
+    z.writestr("a.txt", "incomplete")
+  extracted = downloads / "extracted" / "ZIP.data.zip"
+  # First run: TFDS extracts (simulated) after the stamp is written.
+  assert not prepare.refresh_stale_extraction(str(manual), str(downloads))
+  extracted.mkdir(parents=True)
+  # Same archive: the extraction is reused.
+  assert not prepare.refresh_stale_extraction(str(manual), str(downloads))
+  assert extracted.is_dir()
+  # The zip is replaced by a good one: the old extraction goes, with a warning naming it.
+  with zipfile.ZipFile(manual / "data.zip", "w") as z:
+    z.writestr("a.txt", "complete")
+    z.writestr("b.txt", "the file that was missing")
+  with caplog.at_level(logging.WARNING):
+    assert prepare.refresh_stale_extraction(str(manual), str(downloads))
+  assert not extracted.exists()
+  assert "extracted from other archives" in caplog.text and "data.zip" in caplog.text
+  # An extraction of unknown origin (no stamp) is redone too.
+  extracted.mkdir(parents=True)
+  (downloads / prepare.STAMP_FILE).unlink()
+  assert prepare.refresh_stale_extraction(str(manual), str(downloads))
+
+
+def test_resource_tracker_note_about_shared_memory_is_silenced():
+  # A child interpreter leaks a shared-memory block as grain's pool does at exit.
+  leak = ("from multiprocessing import shared_memory\n"
+          "s = shared_memory.SharedMemory(create=True, size=64)\n"
+          "s.close()\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+  loud = subprocess.run([sys.executable, "-c", leak], env=env, capture_output=True, text=True,
+                        timeout=60)
+  assert "leaked shared_memory" in loud.stderr  # Python still warns without the filter.
+  log_filters.quiet_resource_tracker(env)
+  assert env["PYTHONWARNINGS"] == log_filters.RESOURCE_TRACKER_FILTER
+  log_filters.quiet_resource_tracker(env)  # idempotent
+  assert env["PYTHONWARNINGS"] == log_filters.RESOURCE_TRACKER_FILTER
+  quiet = subprocess.run([sys.executable, "-c", leak], env=env, capture_output=True, text=True,
+                         timeout=60)
+  assert quiet.returncode == 0 and "leaked" not in quiet.stderr, quiet.stderr
+
+
+_CLOSE_SCRIPT = """
+import multiprocessing, sys
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from pixcon_jax import data as data_lib
+cfg = data_lib.default_data_config("synthetic")
+cfg.synthetic_size, cfg.synthetic_num_train, cfg.crop_size = (32, 64), 8, (32, 32)
+cfg.worker_count = 1
+def make():
+  return data_lib.make_train_iterator(cfg, data_lib.default_augment_config(),
+                                      batch_size_per_process=2, seed=0, process_index=0,
+                                      process_count=1)
+def main():  # locals, as in train_and_evaluate
+  a = make(); next(a)
+  b = make(); b.set_state(a.get_state()); next(b)  # as a resumed run does
+  print("workers before:", len(multiprocessing.active_children()), flush=True)
+  for it in (a, b, b):  # twice is harmless
+    data_lib.close_iterator(it)
+  print("workers after:", len(multiprocessing.active_children()), flush=True)
+if __name__ == "__main__":
+  main()
+"""
+
+
+def test_closed_loader_iterators_leave_no_workers_or_exit_noise(tmp_path):
+  script = tmp_path / "close_loaders.py"
+  script.write_text(_CLOSE_SCRIPT)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+  p = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                     env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)), timeout=120)
+  assert p.returncode == 0, p.stderr[-3000:]
+  before = int(p.stdout.split("workers before:")[1].split()[0])
+  assert before >= 1 and "workers after: 0" in p.stdout, p.stdout
+  for noise in ("handle is closed", "leaked shared_memory", "Traceback", "Exception ignored"):
+    assert noise not in p.stderr, p.stderr[-3000:]
+
+
+# ---- logs --------------------------------------------------------------------------------------
+
+def test_orbax_and_grain_info_lines_are_filtered_but_warnings_kept():
+  absl_logger = logging.getLogger("absl")
+  before = list(absl_logger.filters)
+  try:
+    log_filters.quiet_library_logs()
+    log_filters.quiet_library_logs()  # idempotent
+    filters = [f for f in absl_logger.filters if f not in before]
+    assert len(filters) == 1
+
+    def record(path, level):
+      return logging.LogRecord("absl", level, path, 1, "m", None, None)
+
+    orbax_file = os.path.join(os.sep, "venv", "orbax", "checkpoint", "manager.py")
+    grain_file = os.path.join(os.sep, "venv", "grain", "_src", "python", "x.py")
+    ours = str(REPO / "pixcon_jax" / "train.py")
+    assert not absl_logger.filter(record(orbax_file, logging.INFO))
+    assert not absl_logger.filter(record(grain_file, logging.INFO))
+    assert absl_logger.filter(record(orbax_file, logging.WARNING))
+    assert absl_logger.filter(record(ours, logging.INFO))
+    assert logging.getLogger("orbax").level == logging.WARNING
+  finally:
+    for f in list(absl_logger.filters):
+      if f not in before:
+        absl_logger.removeFilter(f)

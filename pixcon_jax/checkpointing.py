@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from pixcon_jax import paths
+
 STATE = "state"
 DATA = "data"
 BEST_METRIC = "miou"
@@ -38,7 +40,7 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
       # Saves are decided by the loop (period, evaluation, preemption, end), never skipped.
       save_interval_steps=1, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      paths.resolve(workdir) / "checkpoints", options=options,
       item_handlers={STATE: ocp.StandardCheckpointHandler(),
                      DATA: grain.PyGrainCheckpointHandler()})
 
@@ -64,7 +66,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
 
 def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
   """The train state of a run's checkpoint (latest, or `step`), e.g. for evaluation."""
-  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  path = paths.resolve(workdir) / "checkpoints"
   with ocp.CheckpointManager(path, item_handlers={STATE: ocp.StandardCheckpointHandler()},
                              options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     step = mngr.latest_step() if step is None else step
@@ -153,11 +155,12 @@ def restore_as_numpy(path: str) -> Any:
 
 def load_pretrained(path: str) -> dict[str, Any]:
   """Reads an orbax checkpoint of {params, batch_stats} (scripts/convert_checkpoint.py) as numpy."""
-  path = os.path.abspath(os.path.expanduser(path))
-  candidates = [path, os.path.join(path, "default"), os.path.join(path, STATE)]
+  root = paths.resolve(path)  # A local directory or a gs:// URL.
+  path = os.fspath(root)
+  candidates = [os.fspath(p) for p in (root, root / "default", root / STATE)]
   last_error = None
   for p in candidates:
-    if not os.path.isdir(p):
+    if not paths.resolve(p).is_dir():
       continue
     try:
       tree = restore_as_numpy(p)

@@ -29,6 +29,7 @@ from absl import logging
 from PIL import Image
 
 from pixcon_jax import evaluate
+from pixcon_jax import paths
 from pixcon_jax.data import transforms
 
 
@@ -40,7 +41,9 @@ def _predict_config(config: Any) -> tuple[str, str]:
     raise ValueError("mode 'predict' needs --config.predict.input_dir=<folder of images>")
   if not output_dir:
     raise ValueError("mode 'predict' needs --config.predict.output_dir=<folder for the PNGs>")
-  if not os.path.isdir(input_dir):
+  # Local folders or gs:// URLs.
+  input_dir, output_dir = paths.resolve_str(input_dir), paths.resolve_str(output_dir)
+  if not paths.resolve(input_dir).is_dir():
     raise FileNotFoundError(f"config.predict.input_dir={input_dir!r} is not a directory")
   return input_dir, output_dir
 
@@ -51,8 +54,8 @@ def list_inputs(input_dir: str) -> list[str]:
   Raises:
     ValueError naming the folder when it holds no file.
   """
-  names = sorted(n for n in os.listdir(input_dir)
-                 if not n.startswith(".") and os.path.isfile(os.path.join(input_dir, n)))
+  names = sorted(p.name for p in paths.resolve(input_dir).iterdir()
+                 if not p.name.startswith(".") and p.is_file())
   if not names:
     raise ValueError(f"config.predict.input_dir={input_dir!r} is empty: no image to predict")
   return names
@@ -60,7 +63,7 @@ def list_inputs(input_dir: str) -> list[str]:
 
 def read_image(path: str) -> np.ndarray:
   """[H, W, 3] uint8 RGB; raises OSError / ValueError when PIL cannot decode the file."""
-  with Image.open(path) as img:
+  with paths.resolve(path).open("rb") as f, Image.open(f) as img:
     img.load()
     return np.asarray(img.convert("RGB"))
 
@@ -81,18 +84,20 @@ def output_names(names: list[str]) -> dict[str, str]:
 def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, stem: str
                     ) -> tuple[str, str]:
   """Writes `label/<stem>.png` (ids) and `color/<stem>.png` (palette). Returns both paths."""
-  label_dir = os.path.join(output_dir, "label")
-  color_dir = os.path.join(output_dir, "color")
-  os.makedirs(label_dir, exist_ok=True)
-  os.makedirs(color_dir, exist_ok=True)
+  label_dir = paths.resolve(output_dir) / "label"
+  color_dir = paths.resolve(output_dir) / "color"
+  label_dir.mkdir(parents=True, exist_ok=True)
+  color_dir.mkdir(parents=True, exist_ok=True)
   dtype = np.uint8 if len(palette) <= 256 else np.uint16
-  label_path = os.path.join(label_dir, stem + ".png")
-  color_path = os.path.join(color_dir, stem + ".png")
-  Image.fromarray(label.astype(dtype)).save(label_path)
+  label_path = label_dir / (stem + ".png")
+  color_path = color_dir / (stem + ".png")
+  with label_path.open("wb") as f:
+    Image.fromarray(label.astype(dtype)).save(f, format="PNG")
   lut = np.zeros((max(256, len(palette)), 3), np.uint8)
   lut[:len(palette)] = palette
-  Image.fromarray(lut[label.astype(np.int64)]).save(color_path)
-  return label_path, color_path
+  with color_path.open("wb") as f:
+    Image.fromarray(lut[label.astype(np.int64)]).save(f, format="PNG")
+  return os.fspath(label_path), os.fspath(color_path)
 
 
 def make_predictor(apply_fn: evaluate.ApplyFn, settings: evaluate.InferenceSettings):
@@ -127,7 +132,7 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   logging.info("predicting %d images of %s with %s (%s)", len(mine), input_dir, source, settings)
   report: dict[str, Any] = {"weights": source, "written": [], "skipped": []}
   for name in mine:
-    path = os.path.join(input_dir, name)
+    path = os.fspath(paths.resolve(input_dir) / name)
     try:
       rgb = read_image(path)
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
@@ -145,10 +150,10 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   elif not report["written"]:
     raise ValueError(f"config.predict.input_dir={input_dir!r} holds no readable image "
                      f"(skipped {[s['input'] for s in report['skipped']]})")
-  os.makedirs(output_dir, exist_ok=True)
+  paths.resolve(output_dir).mkdir(parents=True, exist_ok=True)
   suffix = "" if jax.process_count() == 1 else f"_{jax.process_index()}"
-  with open(os.path.join(output_dir, f"predict_report{suffix}.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  (paths.resolve(output_dir) / f"predict_report{suffix}.json").write_text(
+      json.dumps(report, indent=1))
   print(f"predicted {len(report['written'])} images into {output_dir}; skipped "
         f"{len(report['skipped'])}", flush=True)
   return report

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from pixcon_jax import paths
 from pixcon_jax.data import synthetic
 from pixcon_jax.data import tfds_source
 from pixcon_jax.data.info import get_dataset_info
@@ -34,7 +35,7 @@ def make_source(data_cfg: Mapping[str, Any], split: str):
         size=tuple(_get(data_cfg, "synthetic_size", synthetic.DEFAULT_SIZE)), split=split)
   return tfds_source.TfdsSource(
       dataset=name, tfds_name=_get(data_cfg, "tfds_name", info.tfds_name), split=split,
-      data_dir=_get(data_cfg, "data_dir", None), image_key=info.image_key,
+      data_dir=paths.resolve_str(_get(data_cfg, "data_dir", None)), image_key=info.image_key,
       label_key=info.label_key, class_table=info.class_table,
       unknown_label=_get(data_cfg, "unknown_label", "ignore"))
 

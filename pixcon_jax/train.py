@@ -252,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from pixcon_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   evaluator = evaluate_lib.make_evaluator(c, exp.eval_model, exp.mesh,
                                           class_names=exp.info.class_names)
-  stop = checkpointing.StopRequest().install()
+  stop = checkpointing.StopRequest(
+      every_steps=c.checkpoint.preemption_check_every_steps).install()
 
   eval_metrics: dict[str, Any] = {}
   prev: tuple[int, Any] | None = None

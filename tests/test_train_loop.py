@@ -18,6 +18,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 16
+STOP_CHECK_EVERY = 3
 
 TINY = [
     "--config.model.overrides.widths=(8,16,32,64)", "--config.model.overrides.stem_width=16",
@@ -31,6 +32,8 @@ TINY = [
     "--config.eval.num_summary_images=2", "--config.memory.pixel_queue_size=64",
     # Contrast warm-up as in the official recipe, so the test sees lambda switch on.
     "--config.contrast.warmup_steps=3",
+    # Stop requests are looked for at steps 3, 6, 9, ...: not the checkpoint steps (4, 8, ...).
+    f"--config.checkpoint.preemption_check_every_steps={STOP_CHECK_EVERY}",
 ]
 
 
@@ -144,6 +147,8 @@ def test_sigterm_saves_and_exits_cleanly(runs):
   assert "final mIoU" not in runs["out_term"]
   assert runs["steps_after_term"] and runs["steps_after_term"][-1] < TOTAL_STEPS, runs
   assert "SIGTERM received" in _log(runs, "b_term")
+  # The stop is taken at a check step, and that step is saved.
+  assert runs["steps_after_term"][-1] % STOP_CHECK_EVERY == 0, runs["steps_after_term"]
 
 
 def test_sigkill_then_resume_is_bitwise_identical(runs):

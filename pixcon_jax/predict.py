@@ -18,6 +18,7 @@ the image's full resolution. Weights: the latest checkpoint in the workdir, else
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -63,7 +64,9 @@ def list_inputs(input_dir: str) -> list[str]:
 
 def read_image(path: str) -> np.ndarray:
   """[H, W, 3] uint8 RGB; raises OSError / ValueError when PIL cannot decode the file."""
-  with paths.resolve(path).open("rb") as f, Image.open(f) as img:
+  # Whole file first: PIL probes formats by seeking, which a gs:// file object answers with
+  # TensorFlow's OutOfRangeError rather than a short read.
+  with Image.open(io.BytesIO(paths.resolve(path).read_bytes())) as img:
     img.load()
     return np.asarray(img.convert("RGB"))
 

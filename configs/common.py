@@ -134,6 +134,9 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.checkpoint.max_to_keep = 3  # Latest checkpoints kept (plus the best-mIoU one).
   c.checkpoint.keep_best = True  # Also keep the best-mIoU checkpoint.
   c.checkpoint.async_save = True  # Overlap saving with training.
+  # SIGTERM / TPU preemption is looked for every k steps; on several hosts each look waits
+  # for the device to finish the step. A stop request saves at the next look.
+  c.checkpoint.preemption_check_every_steps = 10
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 50  # Train metrics to the writers.

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from pixcon_jax import paths
 from pixcon_jax import validation
 
 STATE = "state"
@@ -41,7 +42,7 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
       # Saves are decided by the loop (period, evaluation, preemption, end), never skipped.
       save_interval_steps=1, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      paths.resolve(workdir) / "checkpoints", options=options,
       item_handlers={STATE: ocp.StandardCheckpointHandler(),
                      DATA: grain.PyGrainCheckpointHandler()})
 
@@ -169,7 +170,7 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
 
 def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
   """The train state of a run's checkpoint (latest, or `step`), e.g. for evaluation."""
-  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  path = paths.resolve(workdir) / "checkpoints"
   with ocp.CheckpointManager(path, item_handlers={STATE: ocp.StandardCheckpointHandler()},
                              options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     step = mngr.latest_step() if step is None else step
@@ -207,17 +208,25 @@ class Stopped(Exception):
 
 
 class StopRequest:
-  """A flag set by SIGTERM (and SIGINT), polled by the loop once per step.
+  """A flag set by SIGTERM (and SIGINT), polled by the loop every `every_steps` steps.
 
   The handler only sets the flag: saving from inside a signal handler could interleave with
   a half-dispatched step. On several hosts the flag is OR-reduced over processes
-  (`should_stop`) so that all of them save the same step together.
+  (`should_stop`) so that all of them save the same step together. That reduction is a
+  device computation queued behind the step just dispatched, so it blocks the host until
+  the device is done; polling every `every_steps` steps keeps the host that many steps ahead
+  the rest of the time.
   """
 
-  def __init__(self):
+  def __init__(self, every_steps: int = 1):
+    if int(every_steps) < 1:
+      raise ValueError("config.checkpoint.preemption_check_every_steps must be a positive "
+                       f"integer, got {every_steps!r}")
+    self.every_steps = int(every_steps)
     self._event = threading.Event()
     self.signal_name: str | None = None
     self._previous = {}
+    self._preemption_watch_failed = False
 
   def install(self) -> "StopRequest":
     if threading.current_thread() is not threading.main_thread():
@@ -242,20 +251,40 @@ class StopRequest:
     return self._event.is_set()
 
   def should_stop(self, manager: ocp.CheckpointManager, step: int) -> bool:
-    """True (on every process alike) after a signal or at a TPU preemption sync point."""
+    """True (on every process alike) after a signal or at a TPU preemption sync point.
+
+    Only steps that are multiples of `every_steps` look (all processes run the same steps,
+    so they agree); the others return False without touching the devices.
+    """
+    if step % self.every_steps:
+      return False
     local = self.requested
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       local = bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
-    preempted = False
-    try:
-      # jax's preemption sync manager (TPU maintenance notices); needs jax.distributed.
-      preempted = manager.reached_preemption(step)
-    except Exception:  # pylint: disable=broad-except
-      preempted = False
+    preempted = self._reached_preemption(manager, step // self.every_steps)
     if preempted and self.signal_name is None:
       self.signal_name = "preemption notice"
     return local or preempted
+
+  def _reached_preemption(self, manager: ocp.CheckpointManager, check: int) -> bool:
+    """jax's preemption sync point (TPU maintenance notices; needs jax.distributed).
+
+    jax sets the sync point to one past the largest counter any process last passed and
+    answers True only when called with exactly that counter, so it is given the number of
+    the check (consecutive integers), not the step: a step counter would skip the point.
+    """
+    if self._preemption_watch_failed:
+      return False
+    try:
+      return bool(manager.reached_preemption(check))
+    except Exception as e:  # pylint: disable=broad-except
+      # Not fatal to training, but the run would no longer save before a maintenance event.
+      self._preemption_watch_failed = True
+      logging.warning("checking for TPU preemption notices failed (%s: %s); no longer "
+                      "checking: a preemption notice will not save a checkpoint before this "
+                      "process is stopped (SIGTERM still does).", type(e).__name__, e)
+      return False
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,15 +305,16 @@ def restore_as_numpy(path: str) -> Any:
 
 def load_pretrained(path: str) -> dict[str, Any]:
   """Reads an orbax checkpoint of {params, batch_stats} (scripts/convert_checkpoint.py) as numpy."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
+  root = paths.resolve(path)  # A local directory or a gs:// URL.
+  path = os.fspath(root)
+  if not root.exists():
     raise validation.MissingInputError(
         f"config.init_from={path!r}: no such file or directory, so no orbax checkpoint to load; "
         f"give the --out folder of scripts/convert_checkpoint.py")
-  candidates = [path, os.path.join(path, "default"), os.path.join(path, STATE)]
+  candidates = [os.fspath(p) for p in (root, root / "default", root / STATE)]
   last_error = None
   for p in candidates:
-    if not os.path.isdir(p):
+    if not paths.resolve(p).is_dir():
       continue
     try:
       tree = restore_as_numpy(p)

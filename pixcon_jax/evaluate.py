@@ -47,6 +47,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pixcon_jax import metrics as metrics_lib
+from pixcon_jax import paths
 from pixcon_jax import precision as precision_lib
 from pixcon_jax import sharding as sharding_lib
 from pixcon_jax.models import layers
@@ -438,9 +439,9 @@ def load_variables(config: Any, workdir: str, exp: Any = None) -> tuple[dict[str
   from pixcon_jax import convert  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train  # pylint: disable=g-import-not-at-top
   exp = exp if exp is not None else train.setup(config)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  ckpt_dir = paths.resolve(workdir) / "checkpoints"  # A local directory or a gs:// URL.
   latest = None
-  if os.path.isdir(ckpt_dir):
+  if ckpt_dir.is_dir():
     with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         read_only=True)) as mngr:
       latest = mngr.latest_step()
@@ -452,7 +453,7 @@ def load_variables(config: Any, workdir: str, exp: Any = None) -> tuple[dict[str
     shapes = convert.variable_shapes(exp.eval_model)
     target = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                               shapes.get(k, {})) for k in ("params", "batch_stats")}
-    path = os.path.join(ckpt_dir, str(latest), checkpointing.STATE)
+    path = ckpt_dir / str(latest) / checkpointing.STATE
     variables = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
@@ -504,8 +505,10 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, Any]:
   metrics = metrics_lib.metrics_from_confusion_matrix(cm, exp.info.class_names)
   metrics["num_images"] = float(images)
   tag = str(split).replace("/", "_")
-  os.makedirs(workdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+  workdir = paths.resolve(workdir)  # A local directory or a gs:// URL.
+  workdir.mkdir(parents=True, exist_ok=True)
+  writer = metric_writers.create_default_writer(os.fspath(workdir),
+                                                just_logging=jax.process_index() > 0,
                                                 asynchronous=False)
   writer.write_scalars(step, metrics_lib.scalars_for_writer(metrics, prefix=f"eval_{tag}/"))
   writer.flush()
@@ -515,10 +518,10 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, Any]:
               "protocol": _settings_dict(evaluator.settings),
               "metrics": metrics_lib.json_safe(metrics), "confusion_matrix": cm.tolist(),
               "class_names": list(exp.info.class_names)}
-    path = os.path.join(workdir, f"eval_{tag}.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=1, allow_nan=False)
-    os.replace(path + ".tmp", path)  # never leave a half-written file
+    path = workdir / f"eval_{tag}.json"
+    tmp = workdir / f"eval_{tag}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=False))
+    tmp.replace(path)  # never leave a half-written file
     logging.info("wrote %s", path)
   lines = [f"{name:>16s} {metrics[f'iou/{name}']:.4f}" for name in exp.info.class_names]
   logging.info("mIoU %.4f on %d images of %r (%.1fs)\n%s", metrics["miou"], images, split,

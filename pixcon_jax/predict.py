@@ -23,6 +23,7 @@ CITYSCAPES_RESULTS=OUT/label). Weights: the latest checkpoint in the workdir, el
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -34,6 +35,7 @@ from absl import logging
 from PIL import Image
 
 from pixcon_jax import evaluate
+from pixcon_jax import paths
 from pixcon_jax import precision
 from pixcon_jax import validation
 from pixcon_jax.data import classes
@@ -56,7 +58,9 @@ def _predict_config(config: Any) -> tuple[str, str]:
   if not output_dir:
     raise validation.ConfigError(
         "mode 'predict' needs --config.predict.output_dir=<folder for the PNGs>")
-  if not os.path.isdir(input_dir):
+  # Local folders or gs:// URLs.
+  input_dir, output_dir = paths.resolve_str(input_dir), paths.resolve_str(output_dir)
+  if not paths.resolve(input_dir).is_dir():
     raise validation.MissingInputError(
         f"config.predict.input_dir={input_dir!r} is not a directory")
   # Before the model runs: a file in the way would otherwise fail at the first write.
@@ -91,8 +95,8 @@ def list_inputs(input_dir: str) -> list[str]:
   Raises:
     ValueError naming the folder when it holds no file.
   """
-  names = sorted(n for n in os.listdir(input_dir)
-                 if not n.startswith(".") and os.path.isfile(os.path.join(input_dir, n)))
+  names = sorted(p.name for p in paths.resolve(input_dir).iterdir()
+                 if not p.name.startswith(".") and p.is_file())
   if not names:
     raise validation.ConfigError(
         f"config.predict.input_dir={input_dir!r} is empty: no image to predict")
@@ -105,7 +109,9 @@ def read_image(path: str) -> np.ndarray:
   16-bit grayscale (PIL mode I;16 or I) is scaled to 8 bits (value / 257, the map of
   0..65535 onto 0..255) with a warning; PIL's own conversion would clip it at 255.
   """
-  with Image.open(path) as img:
+  # Whole file first: PIL probes formats by seeking, which a gs:// file object answers with
+  # TensorFlow's OutOfRangeError rather than a short read.
+  with Image.open(io.BytesIO(paths.resolve(path).read_bytes())) as img:
     img.load()
     if img.mode in WIDE_GRAY_MODES:
       wide = np.asarray(img).astype(np.float64)
@@ -136,29 +142,31 @@ def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, ste
   Args:
     label: [H, W] int train ids.
     palette: [C, 3] uint8.
-    output_dir: receives `label/` and `color/`.
+    output_dir: receives `label/` and `color/` (a local folder or a gs:// URL).
     stem: output name without extension.
     id_lut: [C] raw label id of each train id (`classes.train_id_to_id_lut`), or None. When
       given, `label/<label_id_stem(stem)>.png` holds raw ids; otherwise `label/<stem>.png`
       holds train ids.
   """
-  label_dir = os.path.join(output_dir, "label")
-  color_dir = os.path.join(output_dir, "color")
-  os.makedirs(label_dir, exist_ok=True)
-  os.makedirs(color_dir, exist_ok=True)
+  label_dir = paths.resolve(output_dir) / "label"
+  color_dir = paths.resolve(output_dir) / "color"
+  label_dir.mkdir(parents=True, exist_ok=True)
+  color_dir.mkdir(parents=True, exist_ok=True)
   if id_lut is None:
     values, label_stem = label, stem
   else:
     values, label_stem = id_lut[label], label_id_stem(stem)
   top = int(id_lut.max()) if id_lut is not None else len(palette) - 1
   dtype = np.uint8 if top < 256 else np.uint16
-  label_path = os.path.join(label_dir, label_stem + ".png")
-  color_path = os.path.join(color_dir, stem + ".png")
-  Image.fromarray(values.astype(dtype)).save(label_path)
+  label_path = label_dir / (label_stem + ".png")
+  color_path = color_dir / (stem + ".png")
+  with label_path.open("wb") as f:
+    Image.fromarray(values.astype(dtype)).save(f, format="PNG")
   lut = np.zeros((max(256, len(palette)), 3), np.uint8)
   lut[:len(palette)] = palette
-  Image.fromarray(lut[label.astype(np.int64)]).save(color_path)
-  return label_path, color_path
+  with color_path.open("wb") as f:
+    Image.fromarray(lut[label.astype(np.int64)]).save(f, format="PNG")
+  return os.fspath(label_path), os.fspath(color_path)
 
 
 def make_predictor(apply_fn: evaluate.ApplyFn, settings: evaluate.InferenceSettings):
@@ -197,7 +205,7 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   logging.info("predicting %d images of %s with %s (%s)", len(mine), input_dir, source, settings)
   report: dict[str, Any] = {"weights": source, "written": [], "skipped": []}
   for name in mine:
-    path = os.path.join(input_dir, name)
+    path = os.fspath(paths.resolve(input_dir) / name)
     try:
       rgb = read_image(path)
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
@@ -217,10 +225,10 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
     raise validation.ConfigError(
         f"config.predict.input_dir={input_dir!r} holds no readable image "
         f"(skipped {[s['input'] for s in report['skipped']]})")
-  os.makedirs(output_dir, exist_ok=True)
+  paths.resolve(output_dir).mkdir(parents=True, exist_ok=True)
   suffix = "" if jax.process_count() == 1 else f"_{jax.process_index()}"
-  with open(os.path.join(output_dir, f"predict_report{suffix}.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  (paths.resolve(output_dir) / f"predict_report{suffix}.json").write_text(
+      json.dumps(report, indent=1))
   print(f"predicted {len(report['written'])} images into {output_dir}; skipped "
         f"{len(report['skipped'])}", flush=True)
   return report

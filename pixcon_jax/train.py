@@ -26,6 +26,7 @@ from etils import epath
 from pixcon_jax import checkpointing
 from pixcon_jax import data as data_lib
 from pixcon_jax import models
+from pixcon_jax import paths
 from pixcon_jax import precision
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
@@ -282,8 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     the run early (its `exit_code` is what `main` exits with).
     validation.InputError for a workdir or init_from that does not fit the config.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)  # A local directory or a gs:// URL.
+  workdir.mkdir(parents=True, exist_ok=True)
   exp = setup(config)
   c = config
   total_steps = int(c.schedule.total_steps)
@@ -313,17 +314,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(jax.device_get(state.step))
 
   step_fn = train_step_lib.make_train_step(c, exp.train_model, exp.tx, exp.mesh)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(os.fspath(workdir),
+                                                just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(c.to_dict()).items()})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=c.log.every_steps)]
   if c.log.get("profile") and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=os.fspath(workdir)))
   from pixcon_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   evaluator = evaluate_lib.make_evaluator(c, exp.eval_model, exp.mesh,
                                           class_names=exp.info.class_names)
-  stop = checkpointing.StopRequest().install()
+  stop = checkpointing.StopRequest(
+      every_steps=c.checkpoint.preemption_check_every_steps).install()
 
   eval_metrics: dict[str, Any] = {}
   prev: tuple[int, Any] | None = None

@@ -18,6 +18,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 16
+STOP_CHECK_EVERY = 2
 
 TINY = [
     "--config.model.overrides.widths=(8,16,32,64)", "--config.model.overrides.stem_width=16",
@@ -31,6 +32,8 @@ TINY = [
     "--config.eval.num_summary_images=2", "--config.memory.pixel_queue_size=64",
     # Contrast warm-up as in the official recipe, so the test sees lambda switch on.
     "--config.contrast.warmup_steps=3",
+    # Stop requests are looked for at steps 2, 4, 6, ... only (checkpoints at 4, 8, ...).
+    f"--config.checkpoint.preemption_check_every_steps={STOP_CHECK_EVERY}",
 ]
 
 
@@ -109,7 +112,8 @@ def runs():
   t_a = time.time() - t0
   rc_term, out_term = _run(b, cache, "b_term", signal_at=4, sig=signal.SIGTERM)
   steps_after_term = _steps(b)
-  rc_kill, _ = _run(b, cache, "b_kill", signal_at=max(steps_after_term) + 4, sig=signal.SIGKILL)
+  # Killed once the next periodic checkpoint after the SIGTERM stop is written.
+  rc_kill, _ = _run(b, cache, "b_kill", signal_at=max(steps_after_term) + 1, sig=signal.SIGKILL)
   steps_after_kill = _steps(b)
   rc_b, out_b = _run(b, cache, "b_final")
   print(f"run A {t_a:.0f}s; total {time.time() - t0:.0f}s")
@@ -145,6 +149,8 @@ def test_sigterm_saves_and_exits_cleanly(runs):
   assert "final mIoU" not in runs["out_term"]
   assert runs["steps_after_term"] and runs["steps_after_term"][-1] < TOTAL_STEPS, runs
   assert "SIGTERM received" in _log(runs, "b_term")
+  # The stop is taken at a check step, and that step is saved.
+  assert runs["steps_after_term"][-1] % STOP_CHECK_EVERY == 0, runs["steps_after_term"]
 
 
 def test_sigkill_then_resume_is_bitwise_identical(runs):

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from pixcon_jax import paths
 from pixcon_jax.data import synthetic
 from pixcon_jax.data import tfds_source
 from pixcon_jax.data.info import get_dataset_info
@@ -34,11 +35,12 @@ def make_source(data_cfg: Mapping[str, Any], split: str):
         n, seed=_get(data_cfg, "synthetic_seed", 0),
         size=tuple(_get(data_cfg, "synthetic_size", synthetic.DEFAULT_SIZE)), split=split)
   # '' is "unset" as None is (a command line cannot write None into a string key); `~` is
-  # expanded here too for callers other than main (scripts/data_stats.py --data_dir=~/tfds).
-  data_dir = _get(data_cfg, "data_dir", None) or None
+  # expanded here too for callers other than main (scripts/data_stats.py --data_dir=~/tfds), and
+  # a gs:// URL is kept as it is.
+  data_dir = paths.resolve_str(_get(data_cfg, "data_dir", None) or None)
   return tfds_source.TfdsSource(
       dataset=name, tfds_name=_get(data_cfg, "tfds_name", None) or info.tfds_name, split=split,
-      data_dir=data_dir and os.path.expanduser(data_dir), image_key=info.image_key,
+      data_dir=data_dir, image_key=info.image_key,
       label_key=info.label_key, class_table=info.class_table,
       unknown_label=_get(data_cfg, "unknown_label", "ignore"))
 

@@ -292,7 +292,7 @@ def test_training_writes_checkpoints_and_tensorboard_events_into_the_bucket(runs
 def test_a_second_run_resumes_from_the_bucket(runs):
   rc, out, err = runs["resume"]
   assert rc == 0, err[-5000:]
-  assert f"resumed from step 2 in {runs['workdir']}" in err
+  assert f"resumed from the checkpoint of step 2 in {runs['workdir']}" in err
   assert "final mIoU: " in out
   after = runs["after_resume"]
   assert _steps(after, "run") == [2, 3], sorted(after)

@@ -13,6 +13,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from pixcon_jax import validation
 from pixcon_jax.data import classes
 
 
@@ -50,7 +51,8 @@ class TfdsSource:
             decoders={self._image_key: tfds.decode.SkipDecoding(),
                       self._label_key: tfds.decode.SkipDecoding()})
       except Exception as e:
-        raise FileNotFoundError(
+        # An InputError: main ends it in one line (exit 2) naming the folder and what to run.
+        raise validation.MissingInputError(
             f"{self._dataset}: cannot open prepared TFDS dataset {self._tfds_name!r} split "
             f"{self._split!r} in data_dir {self._data_dir!r} ({e}). Prepare it with `python "
             f"scripts/prepare_data.py --dataset {self._dataset} --manual_dir DIR --data_dir DIR`."

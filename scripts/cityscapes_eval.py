@@ -1,0 +1,81 @@
+r"""Scores label-id predictions with the Cityscapes benchmark's own pixel-level evaluator.
+
+    python scripts/cityscapes_eval.py --cityscapes_dir=~/cityscapes --predictions=/tmp/pred/label
+
+Runs `cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling` in this process on every
+`<cityscapes_dir>/gtFine/<split>/*/*_gtFine_labelIds.png` and the prediction whose name starts
+with the same `<city>_<seq>_<frame>` in `--predictions` (what `--config.mode=predict
+--config.predict.label_format=label_id` writes). Instance-level scores are off: they need the
+`*_instanceIds.png` files and, in cityscapesscripts 2.3.0, a numpy function that numpy 2.4 no
+longer has. Prints one JSON line: `miou` (the benchmark's class average), `class_iou`,
+`num_images`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+
+_CITYSCAPES_DIR = flags.DEFINE_string(
+    "cityscapes_dir", None, "Folder holding gtFine/<split>/<city>/*_gtFine_labelIds.png.")
+_PREDICTIONS = flags.DEFINE_string(
+    "predictions", None, "Folder of predicted <city>_<seq>_<frame>*_labelIds.png (label ids).")
+_SPLIT = flags.DEFINE_string("split", "val", "gtFine split to score (test has no public labels).")
+
+
+def evaluate(cityscapes_dir: str, predictions: str, split: str = "val") -> dict[str, Any]:
+  """The benchmark's pixel-level evaluation of `predictions` against gtFine `split`.
+
+  Returns:
+    cityscapesscripts' result dict (`averageScoreClasses`, `classScores` by class name with NaN
+    for ignored or absent classes, `confMatrix` [34, 34] over label ids, ...) plus `num_images`.
+  Raises:
+    FileNotFoundError naming the folder when no ground truth or no prediction is found.
+  """
+  from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(os.path.expanduser(cityscapes_dir))
+  gts = sorted(str(p) for p in root.glob(f"gtFine/{split}/*/*_gtFine_labelIds.png"))
+  if not gts:
+    raise FileNotFoundError(f"--cityscapes_dir={cityscapes_dir}: no gtFine/{split}/*/"
+                            f"*_gtFine_labelIds.png (extract gtFine_trainvaltest.zip there)")
+  pred_dir = os.path.expanduser(predictions)
+  if not os.path.isdir(pred_dir):
+    raise FileNotFoundError(f"--predictions={predictions}: not a folder")
+  args = copy.copy(cs_eval.args)
+  args.predictionPath, args.predictionWalk = pred_dir, None
+  args.evalInstLevelScore = False
+  args.JSONOutput, args.quiet = False, True
+  preds = []
+  for gt in gts:
+    try:
+      preds.append(cs_eval.getPrediction(args, gt))
+    except SystemExit:  # cityscapesscripts exits when a prediction is missing
+      raise FileNotFoundError(
+          f"--predictions={predictions}: no prediction for {os.path.basename(gt)} (predict every "
+          f"image of leftImg8bit/{split} with label_format=label_id into one folder)") from None
+  result = cs_eval.evaluateImgLists(preds, gts, args)
+  result["num_images"] = len(gts)
+  return result
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if not _CITYSCAPES_DIR.value or not _PREDICTIONS.value:
+    raise app.UsageError("give --cityscapes_dir and --predictions")
+  try:
+    result = evaluate(_CITYSCAPES_DIR.value, _PREDICTIONS.value, _SPLIT.value)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({"miou": result["averageScoreClasses"], "num_images": result["num_images"],
+                    "class_iou": result["classScores"]}))
+
+
+if __name__ == "__main__":
+  app.run(main)

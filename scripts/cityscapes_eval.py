@@ -12,7 +12,9 @@ longer has. Prints one JSON line: `miou` (the benchmark's class average), `class
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import pathlib
@@ -36,7 +38,8 @@ def evaluate(cityscapes_dir: str, predictions: str, split: str = "val") -> dict[
     cityscapesscripts' result dict (`averageScoreClasses`, `classScores` by class name with NaN
     for ignored or absent classes, `confMatrix` [34, 34] over label ids, ...) plus `num_images`.
   Raises:
-    FileNotFoundError naming the folder when no ground truth or no prediction is found.
+    FileNotFoundError naming the folder when no ground truth or no prediction is found;
+    ValueError with cityscapesscripts' own message when it refuses a prediction.
   """
   from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(os.path.expanduser(cityscapes_dir))
@@ -59,7 +62,15 @@ def evaluate(cityscapes_dir: str, predictions: str, split: str = "val") -> dict[
       raise FileNotFoundError(
           f"--predictions={predictions}: no prediction for {os.path.basename(gt)} (predict every "
           f"image of leftImg8bit/{split} with label_format=label_id into one folder)") from None
-  result = cs_eval.evaluateImgLists(preds, gts, args)
+  stdout = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(stdout):  # its error message, then sys.exit(-1)
+      result = cs_eval.evaluateImgLists(preds, gts, args)
+  except SystemExit:
+    said = [line for line in stdout.getvalue().splitlines() if line.strip()]
+    raise ValueError(f"--predictions={predictions}: cityscapesscripts stopped: "
+                     f"{said[-1] if said else 'no message'} (expected single-channel label-id "
+                     f"PNGs of the ground truth's size)") from None
   result["num_images"] = len(gts)
   return result
 
@@ -70,7 +81,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("give --cityscapes_dir and --predictions")
   try:
     result = evaluate(_CITYSCAPES_DIR.value, _PREDICTIONS.value, _SPLIT.value)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps({"miou": result["averageScoreClasses"], "num_images": result["num_images"],

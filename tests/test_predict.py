@@ -251,8 +251,11 @@ def test_cityscapesscripts_evaluator_agrees_with_our_eval(tmp_path):
   import cityscapes_eval  # pylint: disable=g-import-not-at-top
   result = cityscapes_eval.evaluate(str(root), str(tmp_path / "pred" / "label"))
   assert result["num_images"] == 3
+  (tmp_path / "no_predictions").mkdir()
   with pytest.raises(FileNotFoundError, match="no prediction for frankfurt_000000_000294"):
-    cityscapes_eval.evaluate(str(root), str(images))  # images, not label-id predictions
+    cityscapes_eval.evaluate(str(root), str(tmp_path / "no_predictions"))
+  with pytest.raises(ValueError, match="Predicted image has multiple channels"):
+    cityscapes_eval.evaluate(str(root), str(images))  # RGB images, not label-id maps
 
   # Their confusion matrix over label ids, on the evaluated classes, is ours over train ids.
   record = json.loads((tmp_path / "work" / "eval_validation.json").read_text())

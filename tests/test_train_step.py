@@ -85,10 +85,11 @@ LEAF_ATOL = 3e-4
 # The momentum buffers are the raw gradients, and step 2's gradient carries the noise of step 1
 # amplified: BN over 8 values (one 1x1 map per image at the 1/32 branch) turns 1e-7 into 1e-5 in
 # the step-1 embeddings, which step 2 reads back from the memory bank as contrast keys
-# (tau = 0.1). On an AVX-512 CPU the 1-device run at XLA optimisation level 0 measured 4.1e-3 of
-# a leaf's scale (the same run at the default level: 5e-5; params, BN statistics and memory stay
-# within 2e-5). Still far from the O(1) of a lost pmean or a wrong shard.
-GRAD_LEAF_ATOL = 1e-2
+# (tau = 0.1). At XLA optimisation level 0 (the workers' setting) the 1-device run measured, of a
+# leaf's scale: 4.1e-3 with semi-hard mining, 1.5e-2 with random mining (the default since
+# 2026-12-05; 5e-4 at the default level, 2-core Zen 4); params, BN statistics and memory stay
+# within 2e-5. Still far from the O(1) of a lost pmean or a wrong shard.
+GRAD_LEAF_ATOL = 4e-2
 
 
 def assert_trees_close(a, b, what, rtol=2e-4, atol=LEAF_ATOL):

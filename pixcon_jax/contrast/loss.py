@@ -322,12 +322,10 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
     # Positives from the batch: pixels of class c (gathered once; gradients flow into them).
     is_class = pixel_ok[None, :] & (label[None, :] == classes[:, None])  # [C, P]
     idx, ok = sampling.sample_pool(is_class, batch_pos, rng_bp)
-    xs.update(bp=emb[idx], bp_index=idx, bp_valid=ok, bp_image=image[idx],
-              bp_weight=_pool_weight(is_class, ok))
+    xs.update(bp=emb[idx], bp_index=idx, bp_valid=ok, bp_image=image[idx])
   if batch_neg:
     idx, ok = sampling.sample_pool(pixel_ok, batch_neg, rng_bn)
-    consts.update(bn=emb[idx], bn_valid=ok, bn_label=label[idx], bn_image=image[idx],
-                  bn_weight=_pool_weight(pixel_ok, ok))
+    consts.update(bn=emb[idx], bn_valid=ok, bn_label=label[idx], bn_image=image[idx])
   if s.uses_memory:
     use_pixel, use_region, t, r = _memory_union(memory, s.sources)
     parts = ([memory.pixel_valid] if use_pixel else []) + (
@@ -337,13 +335,13 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
     # Positives from memory: per class, uniform over the valid [pixel | region] entries of c.
     if mem_pos:
       idx, ok = sampling.sample_pool(row_valid, mem_pos, rng_mp)
-      xs.update(mp_slot=idx, mp_valid=ok, mp_weight=_pool_weight(row_valid, ok))
+      xs.update(mp_slot=idx, mp_valid=ok)
     if mem_neg:
       # Negatives from memory: one pool over all classes' valid entries.
       idx, ok = sampling.sample_pool(row_valid.reshape(-1), mem_neg, rng_mn)
       cls, slot = idx // width, idx % width
       consts.update(nm=_gather_union(memory, cls, slot, use_pixel, use_region, dtype), nm_valid=ok,
-                    nm_label=cls, nm_weight=_pool_weight(row_valid.reshape(-1), ok))
+                    nm_label=cls)
   # 'hardest' estimates the whole set's top K from the pools (module doc); pools at least as
   # large as their sources are the sources themselves, and the exact top-K is taken.
   pools_exact = ((not batch_pos or batch_pos >= label.shape[0])
@@ -351,6 +349,13 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
                  and (not s.uses_memory or ((not mem_pos or mem_pos >= width)
                                             and (not mem_neg or mem_neg >= num_classes * width))))
   weighted = s.mining == "hardest" and not pools_exact
+  if weighted:
+    # How many source entries each pool entry stands for (only 'hardest' on partial pools).
+    for name, where, source in (("bp", xs, lambda: is_class), ("bn", consts, lambda: pixel_ok),
+                                ("mp", xs, lambda: row_valid),
+                                ("nm", consts, lambda: row_valid.reshape(-1))):
+      if f"{name}_valid" in where:
+        where[f"{name}_weight"] = _pool_weight(source(), where[f"{name}_valid"])
 
   # The negative pool is shared by all classes: every anchor against it is one [C*A, D] x [D, Q-]
   # matmul per source (C per-class [A, D] x [D, Q-] matmuls, A = 50, run ~1.6x slower on CPU).

@@ -200,20 +200,20 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
       share = share + aux_weight * aux_share
       metrics["aux_ce_loss"] = aux_value
     keys = None
-    if log_health and "embedding" in outputs:
-      # Detached statistics of the embedding's class structure (a collapse shows here first).
-      grid = outputs["embedding"].shape[1:3]
-      health = contrast_health.embedding_health(
-          outputs["embedding"], contrast_labels.downsample_labels(label, grid),
-          num_classes=num_classes, axis_name=axis_name)
-      metrics.update({f"embedding/{k}": v for k, v in health.items()})
+    if "embedding" in outputs:
+      # Labels on the embedding grid, shared by the health statistics and the contrast.
+      emb = outputs["embedding"]
+      grid = emb.shape[1:3]
+      lab = contrast_labels.downsample_labels(label, grid)
+      if log_health:
+        # Detached statistics of the embedding's class structure (a collapse shows here first).
+        health = contrast_health.embedding_health(emb, lab, num_classes=num_classes,
+                                                  axis_name=axis_name)
+        metrics.update({f"embedding/{k}": v for k, v in health.items()})
     if use_contrast:
       if "embedding" not in outputs:
         raise ValueError(f"config.contrast.enabled=True but model {config.model.name!r} has no "
                          "projection head (use a '*_contrast' model)")
-      emb = outputs["embedding"]
-      grid = emb.shape[1:3]
-      lab = contrast_labels.downsample_labels(label, grid)
       pred = _predict_on_grid(outputs["logits"], grid)
       image_id = batch["image_id"].astype(jnp.int32)
       if global_batch:

@@ -12,11 +12,14 @@ weighted pixels.
 
 - CE: `sum_i w[y_i] nll_i / sum_i w[y_i]` over the *global* batch: each device
   contributes its weighted sum divided by the psum'd weight total.
-- Contrast: by default (`contrast.global_batch=True`) the embeddings, labels and
-  predictions of all devices are all-gathered and every device evaluates the
-  loss of the global batch with the same key (anchors are sampled per mini-batch
-  as in the paper, independent of the device count); its share is loss / N.
-  With `global_batch=False` each device samples from its own images with its own
+- Contrast: by default (`contrast.global_batch=True`) the devices evaluate the
+  loss of the global batch together with the same key (anchors are sampled per
+  mini-batch as in the paper, independent of the device count): the paper recipe
+  splits its work over them (`contrast/loss.py`, "Work split over devices") and
+  only anchors and per-anchor reductions cross devices; the official recipe,
+  whose contrast set is the sampled pixels themselves, all-gathers the maps.
+  Every device holds the loss's value; its share is loss / N. With
+  `global_batch=False` each device samples from its own images with its own
   key, as the official DDP code does (shares: loss_d / N).
 - lambda is 0 before `contrast.warmup_steps` (official recipe: 5000) through a
   `jnp.where` on the traced step, so resumes never change the compiled program.
@@ -35,6 +38,8 @@ from jax import lax
 from pixcon_jax import losses
 from pixcon_jax.contrast import health as contrast_health
 from pixcon_jax.contrast import labels as contrast_labels
+from pixcon_jax.contrast import loss as contrast_loss
+from pixcon_jax.contrast import official
 
 IGNORE_LABEL = 255
 
@@ -57,13 +62,13 @@ def class_weights_from_config(config: ml_collections.ConfigDict, num_classes: in
   return cw
 
 
-def contrast_settings(config: ml_collections.ConfigDict, *, num_classes: int):
+def contrast_settings(config: ml_collections.ConfigDict, *,
+                      num_classes: int) -> contrast_loss.ContrastSettings:
   """Builds `contrast.loss.ContrastSettings` from the keys of `config.contrast`/`config.memory`.
 
-  Fields are matched by name so that every setting has one home in the config;
-  a settings field missing from the config keeps its dataclass default.
+  The one way from a config to settings. Fields are matched by name so that every setting has
+  one home in the config; a settings field missing from the config keeps its dataclass default.
   """
-  from pixcon_jax.contrast import loss as contrast_loss  # pylint: disable=g-import-not-at-top
   cls = contrast_loss.ContrastSettings
   values = {}
   for group in ("memory", "contrast"):
@@ -81,11 +86,13 @@ def contrast_active(config: ml_collections.ConfigDict) -> bool:
 
 
 def uses_memory(config: ml_collections.ConfigDict) -> bool:
-  """The official recipe is in-batch only; the paper's default uses the pixel/region memory."""
-  if not contrast_active(config) or config.contrast.get("recipe", "paper") == "official":
+  """Whether the run keeps a memory bank (static): the paper recipe with a memory source.
+
+  The official recipe is in-batch only; which sources are memory is `ContrastSettings`' call.
+  """
+  if not contrast_active(config) or config.contrast.get("recipe", "paper") != "paper":
     return False
-  sources = tuple(config.contrast.get("sources", ()))
-  return any(s != "batch" for s in sources)
+  return contrast_settings(config, num_classes=config.model.num_classes).uses_memory
 
 
 def hard_fraction(step: jax.Array, *, fraction: float, ramp_steps: int) -> jax.Array:
@@ -148,24 +155,28 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
 
   if use_contrast:
     if recipe == "paper":
-      from pixcon_jax.contrast import loss as contrast_loss  # pylint: disable=g-import-not-at-top
       settings = contrast_settings(config, num_classes=num_classes)
       ramp = int(config.contrast.get("hard_mining_ramp_steps", 0))
       if ramp < 0:
         raise ValueError(f"config.contrast.hard_mining_ramp_steps={ramp}: expected >= 0")
 
-      def contrast_fn(emb, lab, pred, image_id, memory, rng, step):
+      def contrast_fn(emb, lab, pred, image_id, memory, rng, step, axis):
         fraction = None
         if ramp and settings.mining == "semi_hard":
           fraction = hard_fraction(step, fraction=settings.semi_hard_fraction, ramp_steps=ramp)
         return contrast_loss.pixel_contrast_loss(emb, lab, pred, image_id, memory, rng,
-                                                 settings=settings, hard_fraction=fraction)
+                                                 settings=settings, hard_fraction=fraction,
+                                                 axis_name=axis)
     elif recipe == "official":
-      from pixcon_jax.contrast import official  # pylint: disable=g-import-not-at-top
       c = config.contrast
 
-      def contrast_fn(emb, lab, pred, image_id, memory, rng, step):
+      def contrast_fn(emb, lab, pred, image_id, memory, rng, step, axis):
         del image_id, memory, step  # In-batch, no mining.
+        if axis is not None:
+          # The official recipe contrasts the sampled pixels of the whole mini-batch with each
+          # other: its global form gathers the embedding maps (see the module doc).
+          gather = functools.partial(lax.all_gather, axis_name=axis, axis=0, tiled=True)
+          emb, lab, pred = gather(emb), gather(lab), gather(pred)
         return official.official_contrast_loss(
             emb, lab, pred, rng, num_classes=num_classes, temperature=c.temperature,
             base_temperature=c.base_temperature, max_samples=c.max_samples,
@@ -217,14 +228,12 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
       pred = _predict_on_grid(outputs["logits"], grid)
       image_id = batch["image_id"].astype(jnp.int32)
       if global_batch:
-        # A differentiable (varying) gather: each device's copy of the loss sends gradients
-        # back to every device's embeddings, hence the 1 / N share below.
-        gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=0, tiled=True)
-        c_loss, c_metrics = contrast_fn(gather(emb), gather(lab), gather(pred), gather(image_id),
-                                        memory, rng, step)
+        # One loss of the whole mini-batch, evaluated by all devices together; every device
+        # holds its value, hence the 1 / N share below.
+        c_loss, c_metrics = contrast_fn(emb, lab, pred, image_id, memory, rng, step, axis_name)
       else:
         local_rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-        c_loss, c_metrics = contrast_fn(emb, lab, pred, image_id, memory, local_rng, step)
+        c_loss, c_metrics = contrast_fn(emb, lab, pred, image_id, memory, local_rng, step, None)
       # Paper: lambda = 1 from the start; official: 0.1 after 5000 warm-up steps.
       lam = jnp.where(step >= warmup_steps, jnp.float32(weight), jnp.float32(0.0))
       share = share + lam * c_loss / n_dev

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from pixcon_jax import objective as objective_lib
 from pixcon_jax import precision as precision_lib
 from pixcon_jax import sharding
+from pixcon_jax.contrast import memory as memory_lib
 
 PyTree = Any
 TrainStep = Callable[["TrainState", dict[str, jax.Array]], tuple["TrainState", dict[str, jax.Array]]]
@@ -94,7 +95,6 @@ def init_memory(config: ml_collections.ConfigDict, *, num_classes: int, num_trai
   """
   if not objective_lib.uses_memory(config):
     return None
-  from pixcon_jax.contrast import memory as memory_lib  # pylint: disable=g-import-not-at-top
   m = config.memory
   pixel_queue_size = m.pixel_queue_size
   if pixel_queue_size is None:
@@ -177,7 +177,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     n_dev = lax.psum(1, axis)
     memory = state.memory
     if use_memory:
-      from pixcon_jax.contrast import memory as memory_lib  # pylint: disable=g-import-not-at-top
       # The previous step's keys are written first, so that the bank's in-place update precedes
       # every read of it (written last, XLA copies the bank to keep the old value for the loss).
       memory = memory_lib.flush(memory)

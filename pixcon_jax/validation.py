@@ -52,6 +52,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   warmup = config.contrast.get("warmup_steps", 0)
   if not isinstance(warmup, int) or warmup < 0:
     raise ConfigError(f"config.contrast.warmup_steps={warmup!r}: expected an integer >= 0")
+  c = config.contrast
+  if (c.get("enabled", False) and c.get("recipe", "paper") == "paper"
+      and c.get("global_batch", True) and c.get("top_k", "bisect") != "bisect"):
+    # The global-batch loss selects over candidates spread on all devices: only the bisection
+    # counts can be summed over them.
+    raise ConfigError(f"config.contrast.top_k={c.top_k!r} selects within one device; with "
+                      "config.contrast.global_batch=True use top_k='bisect' (the default)")
   scope = config.get("init_from_scope", "backbone")
   if scope not in INIT_FROM_SCOPES:
     raise ConfigError(f"config.init_from_scope={scope!r}: expected one of "

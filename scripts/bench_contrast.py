@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -59,9 +60,12 @@ def naive_contrast_loss(embedding, label, predict, image_id, memory, rng, *, set
   predict = predict.reshape(-1)
   pixel_ok = (label >= 0) & (label < c) & (label != s.ignore_label)
   rng_anchor, _, _, _, _, rng_mine = jax.random.split(rng, 6)
-  index, valid, _ = sampling.sample_anchors(label, predict, rng_anchor, num_classes=c,
-                                            anchors_per_class=s.anchors_per_class,
-                                            mode=s.anchor_sampling, ignore_label=s.ignore_label)
+  # The loss's anchors: per-image random scores (the same draws as `pixel_contrast_loss`).
+  anchors = sampling.sample_anchors(label.reshape(b, h * w), predict.reshape(b, h * w),
+                                    rng_anchor, num_classes=c,
+                                    anchors_per_class=s.anchors_per_class,
+                                    mode=s.anchor_sampling, ignore_label=s.ignore_label)
+  index, valid = anchors.index, anchors.valid
   anchors = emb[index.reshape(-1)]
   a_cls = jnp.repeat(jnp.arange(c), s.anchors_per_class)
   keys, key_cls, key_ok, key_pix = [], [], [], []
@@ -167,6 +171,56 @@ def _random_inputs(rng, *, batch, h, w, dim, num_classes, pixel_queue, num_image
   return emb, label, predict, jnp.arange(batch, dtype=jnp.int32), memory, rng
 
 
+def pod_scaling(*, batch_per_device: int = 2, h: int = 128, w: int = 256, dim: int = 256,
+                num_classes: int = 19, num_images: int = 2975) -> dict[str, float]:
+  """The global-batch contrast (loss + gradient w.r.t. the embeddings, as inside the train step's
+  shard_map) at paper settings compiled on 1 and on 8 devices, `batch_per_device` images each.
+
+  Needs a process with 8 devices (the bench runs it in a child with 8 fake CPU devices).
+  Returns `contrast_collective_bytes_{1,8}dev` (bytes of collective results per device per step,
+  `xla_cost.collective_bytes`, from the compiled program with the class loop rolled) and
+  `contrast_flops_per_device_{1,8}dev` (XLA cost analysis with the class loop unrolled).
+  """
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  settings = loss_lib.ContrastSettings()
+  out = {}
+  for n in (1, 8):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",))
+    args = _specs(batch=batch_per_device * n, h=h, w=w, dim=dim, num_classes=num_classes,
+                  pixel_queue=10 * num_images, num_images=num_images)
+    for unroll in (False, True):
+      s = dataclasses.replace(settings, unroll=unroll)
+
+      def local(e, l, p, i, m, k, s=s):
+        f = lambda e: loss_lib.pixel_contrast_loss(e, l, p, i, m, k, settings=s,
+                                                   axis_name="data")
+        (loss, _), grad = jax.value_and_grad(f, has_aux=True)(e)
+        return loss, grad
+
+      fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4 + (P(), P()),
+                                 out_specs=(P(), P("data"))))
+      compiled = fn.lower(*args).compile()
+      if unroll:
+        out[f"contrast_flops_per_device_{n}dev"] = xla_cost.flops(compiled)
+      else:
+        out[f"contrast_collective_bytes_{n}dev"] = xla_cost.collective_bytes(compiled.as_text())
+  out["contrast_collective_mib_8dev"] = out["contrast_collective_bytes_8dev"] / 2 ** 20
+  out["contrast_flops_8dev_over_1dev"] = (out["contrast_flops_per_device_8dev"]
+                                          / out["contrast_flops_per_device_1dev"])
+  return out
+
+
+def _pod_scaling_in_child() -> dict[str, float]:
+  """Runs `pod_scaling` in a child process with 8 fake CPU devices; returns its dict."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+  proc = subprocess.run([sys.executable, __file__, "--pod_worker"], env=env, capture_output=True,
+                        text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"pod scaling worker failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _time(fn, args, repeats):
   out = fn(*args)
   jax.block_until_ready(out)
@@ -226,11 +280,17 @@ def main(argv=None):
   parser.add_argument("--skip_train_step", action="store_true")
   parser.add_argument("--skip_naive_paper", action="store_true")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--only_pod", action="store_true",
+                      help="only the 1- vs 8-device collective bytes and FLOPs")
+  parser.add_argument("--pod_worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--no_hugepages", action="store_true",
                       help="keep glibc's default malloc (see pixcon_jax/host_memory.py)")
   parser.add_argument("--no_eigen_dots", action="store_true",
                       help="keep XLA:CPU's YNNPACK dots (see pixcon_jax/xla_cpu.py)")
   flags = parser.parse_args(argv)
+  if flags.pod_worker:
+    print(json.dumps(pod_scaling()))
+    return
   if not flags.no_eigen_dots:
     xla_cpu.use_eigen_dots()
   if not flags.no_hugepages:
@@ -238,6 +298,11 @@ def main(argv=None):
   result = {"backend": jax.default_backend(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  _log("compiling the global-batch contrast on 1 and 8 devices (child process)")
+  result.update(_pod_scaling_in_child())
+  if flags.only_pod:
+    print(json.dumps(result))
+    return
   num_images = 2975
   paper = dict(batch=2, h=128, w=256, dim=256, num_classes=19, pixel_queue=10 * num_images,
                num_images=num_images)

@@ -167,6 +167,15 @@ def test_unknown_scope_and_mismatch_fraction_are_named():
   validation.validate_config(demo_config())  # The shipped config passes.
 
 
+def test_per_device_selection_with_the_global_batch_loss_is_named():
+  config = demo_config()
+  config.contrast.top_k = "sort"
+  with pytest.raises(validation.ConfigError, match=r"config.contrast.top_k='sort' .*bisect"):
+    validation.validate_config(config)
+  config.contrast.global_batch = False  # each device its own loss: any selection works
+  validation.validate_config(config)
+
+
 def test_predict_output_dir_under_a_file_fails_before_the_model_runs(tmp_path):
   afile = tmp_path / "afile"
   afile.write_text("x")

@@ -200,9 +200,14 @@ def test_settings_reject_bad_values():
     loss_lib.ContrastSettings(scope="intra")
   with pytest.raises(ValueError, match="mining"):
     loss_lib.ContrastSettings(mining="hard")
-  s = loss_lib.ContrastSettings.from_config(
-      {"temperature": 0.2, "sources": ["batch"], "enabled": True, "weight": 1.0})
-  assert s.temperature == 0.2 and s.sources == ("batch",)
+  # The one way from a config to settings: keys matched by name, other keys ignored.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import objective  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      contrast=dict(temperature=0.2, sources=["batch"], enabled=True, weight=1.0),
+      memory=dict(pixels_per_class=10)))
+  s = objective.contrast_settings(config, num_classes=C)
+  assert s.temperature == 0.2 and s.sources == ("batch",) and s.num_classes == C
 
 
 def test_pooled_hardest_estimates_the_exact_hardest_of_the_whole_set():

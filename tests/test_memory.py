@@ -188,13 +188,17 @@ def test_memory_region_fifo_wraps():
     assert int(memory.region_ptr[c]) == ptr
 
 
-def test_memory_accepts_full_size_labels():
+def test_memory_takes_labels_on_the_embedding_grid_only():
+  # Labels are brought to the grid once per step (the objective); a full-size label here is a
+  # caller's mistake and is named, not silently resized a second time.
   emb = jax.random.normal(jax.random.key(0), (1, 4, 4, D))
   label = jnp.repeat(jnp.repeat(jnp.arange(16).reshape(1, 4, 4) % C, 4, 1), 4, 2)  # 16x16
-  m = enqueue(
-      memory_lib.init_memory(num_classes=C, dim=D, pixel_queue_size=8, region_mode="indexed",
-                             num_images=2),
-      emb, label, jnp.array([0]), jax.random.key(0), pixels_per_class=2)
+  bank = memory_lib.init_memory(num_classes=C, dim=D, pixel_queue_size=8, region_mode="indexed",
+                                num_images=2)
+  with pytest.raises(ValueError, match=r"label \(1, 16, 16\) must be on the embedding grid"):
+    enqueue(bank, emb, label, jnp.array([0]), jax.random.key(0), pixels_per_class=2)
+  m = enqueue(bank, emb, label[:, ::4, ::4], jnp.array([0]), jax.random.key(0),
+              pixels_per_class=2)
   assert int(m.pixel_valid.sum()) == 2 * C
 
 

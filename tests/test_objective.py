@@ -71,6 +71,7 @@ def test_objective_is_ce_plus_aux_plus_lambda_contrast(step):
   from pixcon_jax import objective, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   from pixcon_jax.contrast import loss as contrast_loss  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.contrast import labels as contrast_labels  # pylint: disable=g-import-not-at-top
   from pixcon_jax.contrast import memory as memory_lib  # pylint: disable=g-import-not-at-top
   config = _config()
   # With global_batch the objective hands its key to the contrast loss unchanged (per-device
@@ -81,7 +82,9 @@ def test_objective_is_ce_plus_aux_plus_lambda_contrast(step):
   bank = memory_lib.flush(ts.init_memory(config, num_classes=C, num_train_images=4))
   rng = jax.random.PRNGKey(7)
   prev, _ = _case(seed=1)
-  bank = memory_lib.enqueue(bank, jnp.asarray(prev["embedding"]), jnp.asarray(batch["label"]),
+  bank = memory_lib.enqueue(bank, jnp.asarray(prev["embedding"]),
+                            contrast_labels.downsample_labels(jnp.asarray(batch["label"]),
+                                                              prev["embedding"].shape[1:3]),
                             jnp.asarray([2, 3], jnp.int32), jax.random.PRNGKey(1),
                             pixels_per_class=config.memory.pixels_per_class)
   assert int(np.sum(np.asarray(bank.pixel_valid))) > 0

@@ -57,10 +57,11 @@ def _anchor_case():
 def test_sample_anchors_valid_distinct_and_hard(mode):
   label, predict = _anchor_case()
   a = 20
-  index, valid, hard = jax.jit(functools.partial(
+  anchors = jax.jit(functools.partial(
       sampling.sample_anchors, num_classes=4, anchors_per_class=a, mode=mode))(
           jnp.asarray(label), jnp.asarray(predict), jax.random.key(1))
-  index, valid, hard = map(np.asarray, (index, valid, hard))
+  index, owned, valid, hard = map(np.asarray, anchors)
+  np.testing.assert_array_equal(owned, valid)  # one device holds every anchor
   for c in range(4):
     chosen = index[c][valid[c]]
     assert (label[chosen] == c).all()
@@ -75,7 +76,7 @@ def test_sample_anchors_valid_distinct_and_hard(mode):
 def test_seg_aware_hard_takes_half_hard_when_plenty():
   label = np.zeros(400, np.int64)
   predict = np.where(np.arange(400) < 100, 1, 0)  # 100 hard, 300 easy pixels of class 0
-  index, valid, hard = sampling.sample_anchors(
+  index, _, valid, hard = sampling.sample_anchors(
       jnp.asarray(label), jnp.asarray(predict), jax.random.key(3), num_classes=2,
       anchors_per_class=50, mode="seg_aware_hard")
   hard0 = np.asarray(hard[0])

@@ -16,8 +16,9 @@ FLOPs forward; the loss must stay within ~3% of an HRNet-W48 step (~6e10 FLOPs f
 So every step draws random candidate pools without replacement (`sampling.sample_pool`):
 
 - positives of class c: `positive_pool` entries (default 10240 = 10 x K+) of class c, a share
-  `batch_pool_fraction` (0.2) from the mini-batch and the rest from the union of the pixel and
-  region memories (uniform over that union, so pixel vs region weights follow their sizes);
+  `batch_pool_fraction` (0.2) from the mini-batch (drawn per image: ceil(share / images) of the
+  class's pixels of each image) and the rest from the union of the pixel and region memories
+  (uniform over that union, so pixel vs region weights follow their sizes);
 - negatives: one pool of `negative_pool` entries (default 20480 = 10 x K-) shared by all classes,
   split the same way; for class c its entries of other classes are the negatives (so class c sees
   about (1 - share of c) x pool negatives).
@@ -52,21 +53,45 @@ backward pass. Per class block the positive block and the selection masks are ke
 (`_REMAT_POLICY`): no similarity matmul and no selection is recomputed.
 Gradients reach the anchors and the in-batch contrast pixels; memory keys are constants.
 
+Work split over devices (`axis_name`, the train step's `contrast.global_batch=True`)
+-------------------------------------------------------------------------------------
+The loss is one loss of the whole mini-batch, whatever the number of devices it is split over;
+each device does its share, and only anchors and per-anchor reductions cross devices:
+
+- Random draws depend on an image's position in the mini-batch (anchors, batch pools) or on a
+  candidate's column id (mining), never on the device that holds it.
+- Anchors: the class's A largest per-pixel random scores over all images (`sampling.global_top_k`
+  merges each device's own top A, [C, N x A] scores). Every device gets every anchor's embedding
+  by a psum ([C, A, D]; its transpose sums the anchors' gradients).
+- Pools: the mini-batch part is drawn per image (ceil(pool / images) entries from each), so each
+  device draws and holds its own images' entries; the memory pools are drawn with the shared key
+  from the replicated bank and each device takes 1/N of their entries (`_pool_slice`).
+- Each device computes all anchors against its pool entries, so the similarity FLOPs fall as 1/N.
+  The mining's counts (`sampling.top_k_mask` bisection, `weighted_top_mask`) and Eq. 3's
+  log-sum-exp and positive sums are reduced over devices ([C, A]-sized psums), so every device
+  selects its part of the one global selection and holds the same per-anchor losses.
+
+At paper settings the collectives are ~3 MB per device per step on 1 or 8 devices, against
+2 x 33.5 MB per image for all-gathering the embedding maps, and the FLOPs per device on 8 devices
+are 0.13 of one device's (`scripts/bench_contrast.py`, `contrast_collective_bytes_*`,
+`contrast_flops_per_device_*`). tests/test_contrast_distributed.py checks 8 devices == 1.
+
 Measured at paper settings (scripts/bench_contrast.py, CPU): see the JSON it prints
 (`temp_bytes`, `flops`, `contrast_flop_share`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from pixcon_jax.contrast import collectives
 from pixcon_jax.contrast import sampling
-from pixcon_jax.contrast.labels import downsample_labels
+from pixcon_jax.contrast.collectives import AxisName
 from pixcon_jax.contrast.memory import MemoryBank
 
 SOURCES = ("batch", "pixel_memory", "region_memory")
@@ -159,14 +184,6 @@ class ContrastSettings:
       if getattr(self, name) < 1:
         raise ValueError(f"contrast.{name} must be >= 1, got {getattr(self, name)}")
 
-  @classmethod
-  def from_config(cls, config: Mapping[str, Any], **overrides) -> "ContrastSettings":
-    """Builds settings from `config.contrast` (same key names; unknown keys are ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(config).items() if k in names}
-    values.update(overrides)
-    return cls(**values)
-
   @property
   def uses_memory(self) -> bool:
     return any(s in self.sources for s in ("pixel_memory", "region_memory"))
@@ -195,10 +212,6 @@ def _pool_weight(source_valid: jax.Array, pool_valid: jax.Array) -> jax.Array:
   return n / jnp.maximum(q, 1.0)
 
 
-def _align(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  return x if x.shape[1:] == size else downsample_labels(x, size)
-
-
 def _memory_union(memory: MemoryBank, sources: tuple[str, ...]):
   """Which bank parts form the memory contrast set: (use_pixel, use_region, T, R)."""
   use_pixel = "pixel_memory" in sources
@@ -221,23 +234,27 @@ def _gather_union(memory: MemoryBank, cls: jax.Array, slot: jax.Array, use_pixel
   return lax.stop_gradient(keys.astype(dtype))
 
 
-def _safe_logsumexp(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _safe_logsumexp(x: jax.Array, valid: jax.Array, axis_name: AxisName = None
+                    ) -> tuple[jax.Array, jax.Array]:
   """Masked log-sum-exp over the last axis; (value, any) with value 0 where nothing is valid.
 
   Invalid entries are replaced before exp (double-where), so neither the value nor the gradient
-  can become NaN / Inf for empty rows.
+  can become NaN / Inf for empty rows. With `axis_name` the row's entries are spread over devices.
   """
-  any_valid = jnp.any(valid, axis=-1)
-  m = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-1)
-  m = jnp.where(any_valid, lax.stop_gradient(m), 0.0)
+  any_valid = collectives.psum(jnp.sum(valid, axis=-1, dtype=jnp.int32), axis_name) > 0
+  m = collectives.pmax(jnp.max(jnp.where(valid, lax.stop_gradient(x), -jnp.inf), axis=-1),
+                       axis_name)
+  m = jnp.where(any_valid, m, 0.0)
   x = jnp.where(valid, x, m[..., None])
-  s = jnp.sum(jnp.where(valid, jnp.exp(x - m[..., None]), 0.0), axis=-1)
+  s = collectives.psum(jnp.sum(jnp.where(valid, jnp.exp(x - m[..., None]), 0.0), axis=-1),
+                       axis_name)
   return jnp.where(any_valid, m + jnp.log(jnp.where(any_valid, s, 1.0)), 0.0), any_valid
 
 
 def eq3_anchor_loss(pos: jax.Array, pos_valid: jax.Array, neg: jax.Array, neg_valid: jax.Array,
                     temperature: float, pos_weight: jax.Array | None = None,
-                    neg_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                    neg_weight: jax.Array | None = None, axis_name: AxisName = None
+                    ) -> tuple[jax.Array, jax.Array]:
   """Eq. 3 per anchor from selected similarities.
 
   Args:
@@ -247,140 +264,235 @@ def eq3_anchor_loss(pos: jax.Array, pos_valid: jax.Array, neg: jax.Array, neg_va
     pos_weight, neg_weight: optional [A, K] (or broadcastable) positive weights: how many members
       of the contrast set each selected entry stands for (None = 1 each). A negative's exp enters
       the sum with its weight; the positives' mean is weighted.
+    axis_name: the columns are spread over this mesh axis; sums and maxima are reduced over it,
+      so every device returns the same per-anchor losses.
   Returns:
     loss [A] (0 where invalid), valid [A] (at least one positive and one negative).
   """
+  psum = functools.partial(collectives.psum, axis_name=axis_name)
   neg_logits = neg / temperature
   if neg_weight is not None:
     neg_logits = neg_logits + jnp.log(jnp.where(neg_valid, neg_weight, 1.0))
-  lse_neg, has_neg = _safe_logsumexp(neg_logits, neg_valid)
+  lse_neg, has_neg = _safe_logsumexp(neg_logits, neg_valid, axis_name)
   # -log(e^{s+} / (e^{s+} + sum e^{s-})) = softplus(LSE(s-) - s+), stable for any magnitude.
   per_pos = jax.nn.softplus(lse_neg[:, None] - pos / temperature)
   w = pos_valid.astype(per_pos.dtype)
   if pos_weight is not None:
     w = jnp.where(pos_valid, pos_weight, 0.0).astype(per_pos.dtype)
-  num_pos = jnp.sum(pos_valid, axis=-1)
-  total = jnp.sum(w, axis=-1)
-  per_anchor = jnp.sum(jnp.where(pos_valid, w * per_pos, 0.0), axis=-1) / jnp.where(
+  num_pos = psum(jnp.sum(pos_valid, axis=-1, dtype=jnp.int32))
+  total = psum(jnp.sum(w, axis=-1))
+  per_anchor = psum(jnp.sum(jnp.where(pos_valid, w * per_pos, 0.0), axis=-1)) / jnp.where(
       num_pos > 0, total, 1.0)
   valid = has_neg & (num_pos > 0)
   return jnp.where(valid, per_anchor, 0.0), valid
 
 
-def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Array | None,
-                        image_id: jax.Array, memory: MemoryBank | None, rng: jax.Array, *,
-                        settings: ContrastSettings, hard_fraction: jax.Array | None = None
-                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Eq. 3 averaged over anchors sampled from this (per-device) mini-batch.
+def _pool_slice(index: jax.Array, ok: jax.Array, axis_name: AxisName
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This device's share of a replicated pool: its contiguous 1/N of the last axis.
+
+  The pool (drawn with the same key on every device) is padded with invalid entries to a
+  multiple of N first, so the split does not change which entries the pool holds.
 
   Args:
-    embedding: [B, h, w, D] float, L2-normalised pixel embeddings (projection head output).
-    label: [B, h, w] at the embedding resolution, or full size [B, H, W]; full-size labels are
-      brought to (h, w) with the PyTorch legacy nearest rule (`contrast.labels.downsample_labels`).
-    predict: [B, h, w] (or another size, resized the same way) predicted class ids; needed for
+    index, ok: [..., q] the pool's entries and validity.
+  Returns:
+    index [..., ceil(q / N)], ok, and the entries' positions in the pool [ceil(q / N)] int32.
+  """
+  q, n = index.shape[-1], collectives.size(axis_name)
+  share = -(-q // n)
+  pad = [(0, 0)] * (index.ndim - 1) + [(0, share * n - q)]
+  index, ok = jnp.pad(index, pad), jnp.pad(ok, pad)
+  start = collectives.index(axis_name) * share
+  take = lambda x: lax.dynamic_slice_in_dim(x, start, share, axis=-1)
+  return take(index), take(ok), start + jnp.arange(share, dtype=jnp.int32)
+
+
+def _image_pools(valid: jax.Array, size: int, rng: jax.Array, positions: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """`size` pool entries per image, image i drawn with fold_in(rng, positions[i]).
+
+  Args:
+    valid: [b, ..., p] bool, the entries of each image that may be drawn.
+  Returns:
+    index [b, ..., min(size, p)] into the image's p entries, ok (same shape).
+  """
+  draw = lambda v, pos: sampling.sample_pool(v, size, jax.random.fold_in(rng, pos))
+  return jax.vmap(draw)(valid, positions)
+
+
+def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Array | None,
+                        image_id: jax.Array, memory: MemoryBank | None, rng: jax.Array, *,
+                        settings: ContrastSettings, hard_fraction: jax.Array | None = None,
+                        axis_name: AxisName = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Eq. 3 averaged over anchors sampled from the mini-batch.
+
+  Args:
+    embedding: [b, h, w, D] float, L2-normalised pixel embeddings (projection head output) of
+      this device's images.
+    label: [b, h, w] int class ids on the embedding grid (`contrast.labels.downsample_labels`
+      brings full-size labels there; the objective does it once for the whole step).
+    predict: [b, h, w] predicted class ids on the grid; needed for
       anchor_sampling='seg_aware_hard', else may be None.
-    image_id: [B] int; pixels of equal image_id are "the same image" for scope='intra'.
-    memory: the bank *before* this step's update (None if no memory source).
-    rng: PRNG key.
+    image_id: [b] int; pixels of equal image_id are "the same image" for scope='intra'.
+    memory: the bank *before* this step's update (None if no memory source), replicated.
+    rng: PRNG key, the same on every device of `axis_name`.
     settings: static ContrastSettings.
     hard_fraction: optional scalar (may be traced) replacing `settings.semi_hard_fraction`: the
       hardness curriculum of `objective.hard_fraction` (1 = random sampling).
+    axis_name: the mini-batch is split over this mesh axis (inside `shard_map`) and the devices
+      evaluate one loss together, each doing its share (module doc, "Work split over devices").
+      The result is the same as one device holding the whole mini-batch. None: this call's
+      images are the whole mini-batch.
   Returns:
-    loss: scalar float32 (0 when no anchor is valid, e.g. an all-ignore batch).
+    loss: scalar float32 (0 when no anchor is valid, e.g. an all-ignore batch), the same on
+      every device.
     metrics: num_valid_anchors, valid_anchor_fraction, num_hard_anchors, mean_positives,
-      mean_negatives (per valid anchor), all float32 scalars.
+      mean_negatives (per valid anchor), all float32 scalars, the same on every device.
   """
   s = settings
   b, h, w, d = embedding.shape
+  if label.shape != (b, h, w) or (predict is not None and predict.shape != (b, h, w)):
+    raise ValueError(f"pixel_contrast_loss: label {label.shape} and predict "
+                     f"{None if predict is None else predict.shape} must be on the embedding "
+                     f"grid {(b, h, w)} (contrast.labels.downsample_labels)")
   num_classes = s.num_classes or (memory.num_classes if memory is not None else None)
   if num_classes is None:
     raise ValueError("ContrastSettings.num_classes is required when no memory bank is given")
   if s.uses_memory and memory is None:
     raise ValueError(f"contrast sources {s.sources} need a memory bank, got None")
-  label = _align(label, (h, w)).reshape(-1)
+  psum = functools.partial(collectives.psum, axis_name=axis_name)
+  n_dev = collectives.size(axis_name)
+  num_images = b * n_dev  # images in the whole mini-batch
+  hw = h * w
+  # Where this device's images sit in the mini-batch: every random draw of an image depends on
+  # its position only, so the split over devices changes no draw.
+  positions = collectives.index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
+  label = label.reshape(b, hw).astype(jnp.int32)
   if predict is not None:
-    predict = _align(predict, (h, w)).reshape(-1)
+    predict = predict.reshape(b, hw)
   # Similarities in float32 at least (bfloat16 embeddings are upcast; float64 stays, for tests).
   dtype = jnp.promote_types(embedding.dtype, jnp.float32)
-  emb = embedding.astype(dtype).reshape(b * h * w, d)
-  image = jnp.repeat(image_id.astype(jnp.int32), h * w)  # [P]
-  pixel_ok = (label >= 0) & (label < num_classes) & (label != s.ignore_label)
+  emb = embedding.astype(dtype).reshape(b * hw, d)
+  flat_label = label.reshape(-1)
+  image = jnp.repeat(image_id.astype(jnp.int32), hw)  # [b hw]
+  pixel = (positions[:, None] * hw + jnp.arange(hw)).reshape(-1)  # mini-batch-wide pixel ids
+  pixel_ok = (label >= 0) & (label < num_classes) & (label != s.ignore_label)  # [b, hw]
   classes = jnp.arange(num_classes)
   rng_anchor, rng_bp, rng_bn, rng_mp, rng_mn, rng_mine = jax.random.split(rng, 6)
 
-  anchor_index, anchor_valid, anchor_hard = sampling.sample_anchors(
+  anchors = sampling.sample_anchors(
       label, predict, rng_anchor, num_classes=num_classes,
       anchors_per_class=s.anchors_per_class, mode=s.anchor_sampling,
-      ignore_label=s.ignore_label)  # [C, A]
-  xs = dict(cls=classes, anchor=emb[anchor_index], anchor_index=anchor_index,
-            anchor_valid=anchor_valid, anchor_image=image[anchor_index],
+      ignore_label=s.ignore_label, positions=positions, axis_name=axis_name)  # [C, A]
+  # Every device gets every anchor: each holder contributes its own (zeros elsewhere). The
+  # transpose, in the backward pass, sums the anchors' gradients from every device.
+  held = lambda x: psum(jnp.where(
+      anchors.owned.reshape(anchors.owned.shape + (1,) * (x.ndim - 1)), x[anchors.index], 0))
+  xs = dict(cls=classes, anchor=held(emb), anchor_pixel=held(pixel),
+            anchor_valid=anchors.valid, anchor_image=held(image),
             rng=jax.random.split(rng_mine, num_classes))
   consts = {}
   batch_pos, mem_pos = s.pool_split(s.positive_pool)
   batch_neg, mem_neg = s.pool_split(s.negative_pool)
+  # The mini-batch part of a pool is drawn per image, ceil(pool / images) from each, so that a
+  # device draws (and computes with) only its images' share of every pool.
+  per_image_pos = -(-batch_pos // num_images)
+  per_image_neg = -(-batch_neg // num_images)
   if batch_pos:
     # Positives from the batch: pixels of class c (gathered once; gradients flow into them).
-    is_class = pixel_ok[None, :] & (label[None, :] == classes[:, None])  # [C, P]
-    idx, ok = sampling.sample_pool(is_class, batch_pos, rng_bp)
-    xs.update(bp=emb[idx], bp_index=idx, bp_valid=ok, bp_image=image[idx])
+    is_class = pixel_ok[:, None, :] & (label[:, None, :] == classes[None, :, None])  # [b, C, hw]
+    idx, ok = _image_pools(is_class, per_image_pos, rng_bp, positions)  # [b, C, q]
+    q = idx.shape[-1]
+    column = positions[:, None] * q + jnp.arange(q)  # [b, q]
+    flat = lambda x: jnp.moveaxis(x, 0, 1).reshape(num_classes, b * q)  # [b, C, q] -> [C, b q]
+    idx = flat(idx + (jnp.arange(b) * hw)[:, None, None])
+    xs.update(bp=emb[idx], bp_pixel=pixel[idx], bp_valid=flat(ok), bp_image=image[idx],
+              bp_column=jnp.broadcast_to(column.reshape(-1), (num_classes, b * q)))
   if batch_neg:
-    idx, ok = sampling.sample_pool(pixel_ok, batch_neg, rng_bn)
-    consts.update(bn=emb[idx], bn_valid=ok, bn_label=label[idx], bn_image=image[idx])
+    idx, ok = _image_pools(pixel_ok, per_image_neg, rng_bn, positions)  # [b, q]
+    q = idx.shape[-1]
+    column = (positions[:, None] * q + jnp.arange(q)).reshape(-1)
+    idx = (idx + (jnp.arange(b) * hw)[:, None]).reshape(-1)
+    consts.update(bn=emb[idx], bn_valid=ok.reshape(-1), bn_label=flat_label[idx],
+                  bn_image=image[idx], bn_column=column)
+  batch_columns_pos = num_images * per_image_pos  # memory columns are numbered after these
+  batch_columns_neg = num_images * per_image_neg
+  memory_weight = {}  # n_source / n_pool of each memory pool (the whole pool, before the split)
   if s.uses_memory:
     use_pixel, use_region, t, r = _memory_union(memory, s.sources)
     parts = ([memory.pixel_valid] if use_pixel else []) + (
         [memory.region_valid] if use_region else [])
     row_valid = jnp.concatenate(parts, axis=1)  # [C, T (+ R)]
     width = row_valid.shape[1]
-    # Positives from memory: per class, uniform over the valid [pixel | region] entries of c.
+    # Memory pools are drawn with the same key on every device (the bank is replicated); each
+    # device takes its 1/N of the entries.
     if mem_pos:
+      # Positives from memory: per class, uniform over the valid [pixel | region] entries of c.
       idx, ok = sampling.sample_pool(row_valid, mem_pos, rng_mp)
-      xs.update(mp_slot=idx, mp_valid=ok)
+      memory_weight["mp"] = _pool_weight(row_valid, ok)
+      idx, ok, at = _pool_slice(idx, ok, axis_name)
+      xs.update(mp_slot=idx, mp_valid=ok, mp_column=jnp.broadcast_to(
+          batch_columns_pos + at, idx.shape))
     if mem_neg:
       # Negatives from memory: one pool over all classes' valid entries.
       idx, ok = sampling.sample_pool(row_valid.reshape(-1), mem_neg, rng_mn)
+      memory_weight["nm"] = _pool_weight(row_valid.reshape(-1), ok)
+      idx, ok, at = _pool_slice(idx, ok, axis_name)
       cls, slot = idx // width, idx % width
       consts.update(nm=_gather_union(memory, cls, slot, use_pixel, use_region, dtype), nm_valid=ok,
-                    nm_label=cls)
+                    nm_label=cls, nm_column=batch_columns_neg + at)
   # 'hardest' estimates the whole set's top K from the pools (module doc); pools at least as
   # large as their sources are the sources themselves, and the exact top-K is taken.
-  pools_exact = ((not batch_pos or batch_pos >= label.shape[0])
-                 and (not batch_neg or batch_neg >= label.shape[0])
+  pools_exact = ((not batch_pos or per_image_pos >= hw) and (not batch_neg or per_image_neg >= hw)
                  and (not s.uses_memory or ((not mem_pos or mem_pos >= width)
                                             and (not mem_neg or mem_neg >= num_classes * width))))
   weighted = s.mining == "hardest" and not pools_exact
   if weighted:
-    # How many source entries each pool entry stands for (only 'hardest' on partial pools).
-    for name, where, source in (("bp", xs, lambda: is_class), ("bn", consts, lambda: pixel_ok),
-                                ("mp", xs, lambda: row_valid),
-                                ("nm", consts, lambda: row_valid.reshape(-1))):
-      if f"{name}_valid" in where:
-        where[f"{name}_weight"] = _pool_weight(source(), where[f"{name}_valid"])
+    # How many source entries each pool entry stands for (only 'hardest' on partial pools): per
+    # image for the mini-batch parts, per class row (or the whole bank) for the memory parts.
+    if "bp_valid" in xs:
+      q = xs["bp_valid"].shape[1] // b
+      source = jnp.moveaxis(is_class, 0, 1)  # [C, b, hw]
+      weight = _pool_weight(source, xs["bp_valid"].reshape(num_classes, b, q))  # [C, b, 1]
+      xs["bp_weight"] = jnp.broadcast_to(weight, (num_classes, b, q)).reshape(num_classes, b * q)
+    if "bn_valid" in consts:
+      q = consts["bn_valid"].shape[0] // b
+      weight = _pool_weight(pixel_ok, consts["bn_valid"].reshape(b, q))  # [b, 1]
+      consts["bn_weight"] = jnp.broadcast_to(weight, (b, q)).reshape(-1)
+    if "mp_valid" in xs:
+      xs["mp_weight"] = memory_weight["mp"]
+    if "nm_valid" in consts:
+      consts["nm_weight"] = memory_weight["nm"]
 
   # The negative pool is shared by all classes: every anchor against it is one [C*A, D] x [D, Q-]
   # matmul per source (C per-class [A, D] x [D, Q-] matmuls, A = 50, run ~1.6x slower on CPU).
-  # The [C, A, Q-] result (78 MB at paper settings) is the one similarity block kept for the
-  # backward pass. One matmul per source, so that the backward computes the pool gradient only
-  # for the in-batch pixels, not for the constant memory keys.
+  # The [C, A, Q-] result (78 MB at paper settings on one device) is the one similarity block
+  # kept for the backward pass. One matmul per source, so that the backward computes the pool
+  # gradient only for the in-batch pixels, not for the constant memory keys.
   for name in ("bn", "nm"):
     if name in consts:
       xs[f"{name}_sim"] = jnp.einsum("cad,qd->caq", xs["anchor"], consts.pop(name))
+  neg_column = jnp.concatenate([consts[f"{n}_column"] for n in ("bn", "nm")
+                                if f"{n}_column" in consts])
 
   def block(x, consts):
     """One class: [A, D] anchors against its positive pool and the shared negative pool."""
     a = x["anchor"]
     intra = s.scope == "intra"
-    pos_sim, pos_ok, neg_sim, neg_ok = [], [], [], []
+    pos_sim, pos_ok, pos_column, neg_sim, neg_ok = [], [], [], [], []
     if "bp" in x:
       pos_sim.append(a @ x["bp"].T)
-      ok = x["bp_valid"][None, :] & (x["bp_index"][None, :] != x["anchor_index"][:, None])
+      ok = x["bp_valid"][None, :] & (x["bp_pixel"][None, :] != x["anchor_pixel"][:, None])
       if intra:
         ok &= x["bp_image"][None, :] == x["anchor_image"][:, None]
       pos_ok.append(ok)
+      pos_column.append(x["bp_column"])
     if "mp_slot" in x:
       keys = _gather_union(memory, x["cls"], x["mp_slot"], use_pixel, use_region, dtype)
       pos_sim.append(a @ keys.T)
       pos_ok.append(jnp.broadcast_to(x["mp_valid"][None, :], pos_sim[-1].shape))
+      pos_column.append(x["mp_column"])
     if "bn_sim" in x:
       neg_sim.append(x["bn_sim"])
       ok = (consts["bn_valid"] & (consts["bn_label"] != x["cls"]))[None, :]
@@ -393,13 +505,15 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
       neg_ok.append(jnp.broadcast_to(ok, neg_sim[-1].shape))
     pos_sim, pos_ok = jnp.concatenate(pos_sim, 1), jnp.concatenate(pos_ok, 1)
     neg_sim, neg_ok = jnp.concatenate(neg_sim, 1), jnp.concatenate(neg_ok, 1)
+    pos_column = jnp.concatenate(pos_column)
     rng_pos, rng_neg = jax.random.split(x["rng"])
 
-    def mine(sim, ok, key, num, harder):
+    def mine(sim, ok, key, num, harder, column):
       fraction = s.semi_hard_fraction if hard_fraction is None else hard_fraction
       sel = sampling.mine_mask(
           sim, ok & x["anchor_valid"][:, None], key, num=num, mode=s.mining, harder=harder,
-          fraction=fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k)
+          fraction=fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k, column=column,
+          axis_name=axis_name)
       # Saved for the backward pass (see _REMAT_POLICY), so that it recomputes no selection.
       return checkpoint_name(sel, _KEPT)
 
@@ -413,25 +527,26 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
       def mine_weighted(sim, ok, w, num, harder):
         hardness = -sim if harder == "low" else sim
         sel, sel_w = sampling.weighted_top_mask(hardness, ok & x["anchor_valid"][:, None],
-                                                w[None, :], num)
+                                                w[None, :], num, axis_name=axis_name)
         return checkpoint_name(sel, _KEPT), checkpoint_name(sel_w, _KEPT)
 
       pos_sel, pos_sel_w = mine_weighted(pos_sim, pos_ok, pos_w, s.num_positives, "low")
       neg_sel, neg_sel_w = mine_weighted(neg_sim, neg_ok, neg_w, s.num_negatives, "high")
       loss, ok = eq3_anchor_loss(pos_sim, pos_sel, neg_sim, neg_sel, s.temperature,
-                                 pos_weight=pos_sel_w, neg_weight=neg_sel_w)
+                                 pos_weight=pos_sel_w, neg_weight=neg_sel_w, axis_name=axis_name)
       num_pos, num_neg = jnp.sum(pos_sel_w, -1), jnp.sum(neg_sel_w, -1)
     else:
-      pos_sel = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low")
-      neg_sel = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high")
+      pos_sel = mine(pos_sim, pos_ok, rng_pos, s.num_positives, "low", pos_column)
+      neg_sel = mine(neg_sim, neg_ok, rng_neg, s.num_negatives, "high", neg_column)
       # Eq. 3 over the whole blocks with the selections as masks: the selected similarities are
       # read in place, so the backward is a masked dense one (no gather, no scatter-add).
-      loss, ok = eq3_anchor_loss(pos_sim, pos_sel, neg_sim, neg_sel, s.temperature)
+      loss, ok = eq3_anchor_loss(pos_sim, pos_sel, neg_sim, neg_sel, s.temperature,
+                                 axis_name=axis_name)
       num_pos, num_neg = jnp.sum(pos_sel, -1), jnp.sum(neg_sel, -1)
     ok &= x["anchor_valid"]
     return dict(loss=jnp.sum(jnp.where(ok, loss, 0.0)), valid=jnp.sum(ok),
-                pos=jnp.sum(jnp.where(ok, num_pos, 0)),
-                neg=jnp.sum(jnp.where(ok, num_neg, 0)))
+                pos=psum(jnp.sum(jnp.where(ok, num_pos, 0))),
+                neg=psum(jnp.sum(jnp.where(ok, num_neg, 0))))
 
   body = jax.checkpoint(block, policy=_REMAT_POLICY) if s.remat else block
   if s.unroll:
@@ -448,8 +563,8 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
   num_valid = num_valid.astype(jnp.float32)
   metrics = dict(
       num_valid_anchors=num_valid,
-      valid_anchor_fraction=num_valid / float(anchor_valid.size),
-      num_hard_anchors=jnp.sum(anchor_hard).astype(jnp.float32),
+      valid_anchor_fraction=num_valid / float(anchors.valid.size),
+      num_hard_anchors=psum(jnp.sum(anchors.hard)).astype(jnp.float32),
       mean_positives=jnp.sum(out["pos"]).astype(jnp.float32) / denom,
       mean_negatives=jnp.sum(out["neg"]).astype(jnp.float32) / denom)
   return loss, metrics

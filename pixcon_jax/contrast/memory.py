@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pixcon_jax.contrast.labels import downsample_labels
 
 RegionMode = Literal["indexed", "fifo"]
 
@@ -167,8 +166,8 @@ def sample_keys(embedding: jax.Array, label: jax.Array, image_id: jax.Array, rng
 
   Args:
     embedding: [B, h, w, D] pixel embeddings (detached here).
-    label: [B, h, w] at the embedding resolution, or [B, H, W] full size (then downsampled with
-      the PyTorch legacy nearest rule, `contrast.labels.downsample_labels`).
+    label: [B, h, w] on the embedding grid (`contrast.labels.downsample_labels` brings full-size
+      labels there; the objective does it once per step).
     image_id: [B] int.
     rng: PRNG key, the same on all devices.
     batch_offset: position of this batch's first image in the global batch; image b's pixels are
@@ -178,8 +177,9 @@ def sample_keys(embedding: jax.Array, label: jax.Array, image_id: jax.Array, rng
     MemoryUpdate with B images.
   """
   b, h, w, d = embedding.shape
-  if label.shape[1:] != (h, w):
-    label = downsample_labels(label, (h, w))
+  if label.shape != (b, h, w):
+    raise ValueError(f"sample_keys: label {label.shape} must be on the embedding grid "
+                     f"{(b, h, w)} (contrast.labels.downsample_labels)")
   emb = lax.stop_gradient(embedding).astype(jnp.float32).reshape(b, h * w, d)
   label = label.reshape(b, h * w)
   classes = jnp.arange(num_classes, dtype=label.dtype)
@@ -278,7 +278,7 @@ def enqueue(memory: MemoryBank, embedding: jax.Array, label: jax.Array, image_id
   Args:
     memory: the bank.
     embedding: [B, h, w, D] (detached and re-normalised here).
-    label: [B, h, w] or full-size [B, H, W] (downsampled with the legacy nearest rule).
+    label: [B, h, w] on the embedding grid.
     image_id: [B] int (the row of the indexed region memory).
     rng: PRNG key.
     pixels_per_class: V (paper 10).
@@ -301,7 +301,7 @@ def enqueue_distributed(memory: MemoryBank, embedding: jax.Array, label: jax.Arr
   Args:
     memory: the replicated bank.
     embedding: [B_local, h, w, D] this device's embeddings.
-    label: [B_local, h, w] or full size.
+    label: [B_local, h, w] on the embedding grid.
     image_id: [B_local].
     rng: PRNG key, replicated (the same on all devices).
   Returns:

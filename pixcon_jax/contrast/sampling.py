@@ -7,22 +7,32 @@ on data, so the functions are jit- and shard_map-safe.
 
 - `sample_pool`: a uniform candidate pool of fixed size from the valid entries of a set (stratified
   without replacement; exact -- the whole set -- when the pool is at least as large as the set).
-- `sample_anchors`: per-class anchors, random or segmentation-aware hard (half mispredicted pixels).
+- `global_top_k`: the k largest scores of rows whose entries are spread over devices.
+- `sample_anchors`: per-class anchors, random or segmentation-aware hard (half mispredicted pixels),
+  drawn from the images of all devices with per-image random scores.
+- `column_uniform`: uniform scores drawn per column, so that any slice of columns draws its own.
 - `top_k_mask`: the set `lax.top_k` would select, as a mask, by bisection on the k-th value.
 - `mine_mask`: per-anchor positive / negative selection from a similarity block: random, hardest
   (top-K), semi-hard (top `fraction` hardest, then K at random from them).
 - `weighted_top_mask`: the hardest entries of a weighted sample (each pool entry standing for
   `weight` entries of its source), i.e. an estimate of the whole source's top K from a pool.
+
+With `axis_name`, the entries of a row are spread over the devices of that mesh axis (inside
+`shard_map`): counts, maxima and sums are reduced over the devices (`collectives.py`), so every
+device selects its part of the one global selection. Without it, everything is local.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pixcon_jax.contrast import collectives
+from pixcon_jax.contrast.collectives import AxisName
 
 TopK = Literal["exact", "approx"]
 Selection = Literal["bisect", "sort", "approx"]
@@ -113,10 +123,60 @@ def sample_pool(valid: jax.Array, k: int, rng: jax.Array) -> tuple[jax.Array, ja
   return index, ok
 
 
+class Anchors(NamedTuple):
+  """Per-class anchors (`sample_anchors`): slot [c, a] is the a-th anchor of class c.
+
+  index: [C, A] int32, where this device holds the anchor: into its [b * p] flattened pixels.
+  owned: [C, A] bool, this device holds the anchor (valid anchors are owned by exactly one).
+  valid: [C, A] bool, the slot holds an anchor (same on every device).
+  hard: [C, A] bool, an owned anchor that is mispredicted.
+  """
+  index: jax.Array
+  owned: jax.Array
+  valid: jax.Array
+  hard: jax.Array
+
+
+def global_top_k(score: jax.Array, valid: jax.Array, k: int, *,
+                 axis_name: AxisName = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k largest valid scores of rows whose entries are spread over the devices of an axis.
+
+  Each device holds n entries of every row. The global k largest are among the union of every
+  device's own k largest, so only those candidates' scores cross devices ([..., N * k] floats).
+
+  Args:
+    score: [..., n] float scores of this device's entries (not differentiated).
+    valid: [..., n] bool.
+    k: static number to select.
+  Returns:
+    index [..., k] int32 into this device's n entries (meaningful where owned), owned [..., k]
+    bool, ok [..., k] bool (the slot holds one of the global top k; False when fewer are valid).
+    Slot s is the s-th largest over all devices, the same on every device.
+  """
+  local_index, local_ok = masked_top_k(score, valid, k, ordered=True)
+  width = local_index.shape[-1]
+  value = jnp.where(local_ok, jnp.take_along_axis(
+      lax.stop_gradient(score).astype(jnp.float32), local_index, axis=-1), _NEG_INF)
+  merged = collectives.concat_last(value, axis_name)  # [..., N * width]
+  if merged.shape[-1] < k:  # fewer entries than k: pad, so the output always has k slots
+    pad = [(0, 0)] * (merged.ndim - 1) + [(0, k - merged.shape[-1])]
+    merged = jnp.pad(merged, pad, constant_values=_NEG_INF)
+  top, slot = lax.top_k(merged, k)
+  ok = top > _NEG_INF
+  owned = ok & (slot // max(width, 1) == collectives.index(axis_name))
+  index = jnp.take_along_axis(local_index, jnp.minimum(slot % max(width, 1), width - 1), axis=-1)
+  return index.astype(jnp.int32), owned, ok
+
+
+def _image_uniforms(rng: jax.Array, positions: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """[b, *shape] uniforms, image i drawn from fold_in(rng, positions[i]) (device-count invariant)."""
+  return jax.vmap(lambda pos: jax.random.uniform(jax.random.fold_in(rng, pos), shape))(positions)
+
+
 def sample_anchors(label: jax.Array, predict: jax.Array | None, rng: jax.Array, *,
                    num_classes: int, anchors_per_class: int,
-                   mode: AnchorSampling = "seg_aware_hard",
-                   ignore_label: int = 255) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   mode: AnchorSampling = "seg_aware_hard", ignore_label: int = 255,
+                   positions: jax.Array | None = None, axis_name: AxisName = None) -> Anchors:
   """Per-class anchor pixels (paper Sec. 3.2; 50 per class per mini-batch in Sec. 3.3).
 
   'random': `anchors_per_class` pixels of each class uniformly without replacement.
@@ -124,39 +184,66 @@ def sample_anchors(label: jax.Array, predict: jax.Array | None, rng: jax.Array, 
   rest uniformly among the class's other pixels; with fewer hard pixels than half, the random part
   fills the gap, and with fewer pixels than anchors all of the class's pixels are taken.
 
+  A uniform sample without replacement is the top k of i.i.d. uniform scores. Each image's scores
+  come from `fold_in(rng, position)`, and with `axis_name` the top k is taken over the images of
+  all devices (`global_top_k`): the anchors are the same whether the mini-batch sits on one
+  device or is split over many.
+
   Args:
-    label: [P] int class ids at the embedding resolution (ignore_label / out of range = no class).
-    predict: [P] int predicted class ids (only read by 'seg_aware_hard').
-    rng: PRNG key.
+    label: [b, p] (or [p]: one image) int class ids at the embedding resolution (ignore_label /
+      out of range = no class).
+    predict: like label, predicted class ids (only read by 'seg_aware_hard').
+    rng: PRNG key, the same on every device.
+    positions: [b] int, the images' positions in the global mini-batch (default 0..b-1).
   Returns:
-    index [C, A] int32 into P, valid [C, A] bool, hard [C, A] bool (anchor is mispredicted).
+    `Anchors` with [C, anchors_per_class] fields.
   """
+  if label.ndim == 1:
+    label = label[None]
+    predict = None if predict is None else predict[None]
+  b, p = label.shape
+  positions = jnp.arange(b) if positions is None else positions
   classes = jnp.arange(num_classes, dtype=label.dtype)[:, None]
-  is_class = (label[None, :] == classes) & (label[None, :] != ignore_label)  # [C, P]
-  num_pixels = label.shape[0]
+  flat = lambda x: jnp.moveaxis(x, 1, 0).reshape(num_classes, b * p)  # [b, C, p] -> [C, b p]
+  label = label.reshape(-1)
+  is_class = (label[None, :] == classes) & (label[None, :] != ignore_label)  # [C, b p]
   rng_hard, rng_rand = jax.random.split(rng)
-  score = jax.random.uniform(rng_rand, is_class.shape)
+  score = flat(_image_uniforms(rng_rand, positions, (num_classes, p)))
+  select = functools.partial(global_top_k, axis_name=axis_name)
   if mode == "random":
-    index, valid = masked_top_k(score, is_class, anchors_per_class)
+    index, owned, valid = select(score, is_class, anchors_per_class)
   elif mode == "seg_aware_hard":
     if predict is None:
       raise ValueError("anchor_sampling='seg_aware_hard' needs `predict`")
-    hard = is_class & (predict[None, :] != classes)
-    hard_index, hard_valid = masked_top_k(
-        jax.random.uniform(rng_hard, hard.shape), hard, anchors_per_class // 2)
-    # Chosen hard pixels get priority 2 + u over the class's other pixels (u in [0, 1)), so one
-    # top_k returns them first and then a random fill; no duplicates by construction.
-    rows = jnp.broadcast_to(jnp.arange(num_classes)[:, None], hard_index.shape)
-    chosen = jnp.zeros(is_class.shape, jnp.float32).at[
-        rows, jnp.where(hard_valid, hard_index, num_pixels)].set(2.0, mode="drop")
-    index, valid = masked_top_k(score + chosen, is_class, anchors_per_class)
+    predict = predict.reshape(-1)
+    chosen = jnp.zeros(is_class.shape, jnp.float32)
+    if anchors_per_class // 2:
+      hard = is_class & (predict[None, :] != classes)
+      hard_index, hard_owned, _ = select(
+          flat(_image_uniforms(rng_hard, positions, (num_classes, p))), hard,
+          anchors_per_class // 2)
+      # Chosen hard pixels get priority 2 + u over the class's other pixels (u in [0, 1)), so one
+      # top k returns them first and then a random fill; no duplicates by construction.
+      rows = jnp.broadcast_to(jnp.arange(num_classes)[:, None], hard_index.shape)
+      chosen = chosen.at[rows, jnp.where(hard_owned, hard_index, b * p)].set(2.0, mode="drop")
+    index, owned, valid = select(score + chosen, is_class, anchors_per_class)
   else:
     raise ValueError(f"anchor sampling must be 'random' or 'seg_aware_hard', got {mode!r}")
   if predict is None:
     is_hard = jnp.zeros(index.shape, bool)
   else:
-    is_hard = valid & (jnp.take(predict, index) != jnp.take(label, index))
-  return index, valid, is_hard
+    is_hard = owned & (jnp.take(predict.reshape(-1), index) != jnp.take(label, index))
+  return Anchors(index=index, owned=owned, valid=valid, hard=is_hard)
+
+
+def column_uniform(rng: jax.Array, column: jax.Array, rows: int) -> jax.Array:
+  """[rows, Q] uniforms whose column j is drawn from fold_in(rng, column[j]).
+
+  A column's values depend only on its id, so a device holding a slice of a row's columns
+  draws exactly what one device holding them all would.
+  """
+  draw = lambda c: jax.random.uniform(jax.random.fold_in(rng, c), (rows,))
+  return jax.vmap(draw, out_axes=1)(column)
 
 
 def _fraction_count(n: jax.Array | int, fraction: float):
@@ -173,25 +260,64 @@ def _ordered_uint(score: jax.Array) -> jax.Array:
   return jnp.where(bits >= jnp.uint32(0x80000000), ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
+def _first_by_column(tied: jax.Array, need: jax.Array, column: jax.Array | None,
+                     axis_name: AxisName) -> jax.Array:
+  """The `need` tied entries of each row with the smallest column ids, over all devices.
+
+  Bisection on the column id t with the count of tied entries below t summed over devices
+  (ids are distinct; without ids, this device's position then the index order is used).
+
+  Args:
+    tied: [..., n] bool; need: [...] int32 (at most the number of tied entries).
+    column: [n] int32 ids, or None.
+  Returns:
+    [..., n] bool, the kept tied entries (True also for untied entries: callers mask).
+  """
+  if column is None:
+    n = tied.shape[-1]
+    column = collectives.index(axis_name) * n + jnp.arange(n, dtype=jnp.int32)
+  column = jnp.broadcast_to(column.astype(jnp.int32), tied.shape)
+  count = lambda t: collectives.psum(
+      jnp.sum(tied & (column < t[..., None]), axis=-1, dtype=jnp.int32), axis_name)
+  # Invariant: count(lo) < need <= count(hi); the answer is hi once hi = lo + 1.
+  hi = collectives.pmax(jnp.max(jnp.where(tied, column, 0), axis=-1), axis_name) + 1
+  lo = jnp.minimum(hi, 0)
+
+  def body(carry):
+    lo, hi = carry
+    mid = lo + (hi - lo) // 2
+    up = count(mid) >= need
+    return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+
+  _, hi = lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), body, (lo, hi))
+  return column < hi[..., None]
+
+
+def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array,
+                       axis_name: AxisName = None, column: jax.Array | None = None
+                       ) -> jax.Array:
   """`top_k_mask` by bisection on the k-th largest value; see there.
 
   The k-th largest valid score of a row is the largest threshold t with count(score >= t) >= k.
   It is found by bisection over the 2^32 ordered bit patterns of float32 (at most 32 counting
   passes, each a compare-and-sum over the row, O(n)); a row stops as soon as some threshold counts
   exactly k, which with distinct values takes about log2(n / gap) passes. Rows whose k-th value is
-  tied keep the lower-indexed of the tied entries, as `lax.top_k` does. The counts are float32
-  sums, exact for rows of fewer than 2^24 entries (longer rows are refused).
+  tied keep the lower-indexed of the tied entries, as `lax.top_k` does (with `column` ids, the
+  lower ids; with `axis_name` and no ids, a lower device's entries come first). The counts are float32 sums, exact for rows of fewer than
+  2^24 entries (longer rows are refused). With `axis_name` the counts are summed over devices
+  each pass ([...] floats), so the passes, and the selection, are the same on every device.
   """
-  if score.shape[-1] >= 2 ** 24:
-    raise ValueError(f"top_k_mask: rows of {score.shape[-1]} entries; at most 2^24 - 1 supported")
+  if score.shape[-1] * collectives.size(axis_name) >= 2 ** 24:
+    raise ValueError(f"top_k_mask: rows of {score.shape[-1]} x {collectives.size(axis_name)} "
+                     "entries; at most 2^24 - 1 supported")
+  psum = functools.partial(collectives.psum, axis_name=axis_name)
   key = jnp.where(valid, _ordered_uint(score), jnp.uint32(0))  # 0 is below every float
-  n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+  n_valid = psum(jnp.sum(valid, axis=-1, dtype=jnp.int32))
   k = jnp.minimum(k, n_valid)
   # Invariant: count(key >= lo) >= k > count(key >= hi) = cnt_hi. The initial values are
   # derived from the data so that, inside shard_map, they vary over the same mesh axes as the
   # loop's outputs (a constant would be device-invariant and the loop carry types would differ).
-  hi = jnp.max(key, axis=-1) + jnp.uint32(1)
+  hi = collectives.pmax(jnp.max(key, axis=-1), axis_name) + jnp.uint32(1)
   lo = jnp.minimum(hi, jnp.uint32(1))  # 1: hi >= 1 for any non-NaN score
   cnt_hi = jnp.minimum(n_valid, 0)
   exact = k == n_valid  # every valid entry (count(key >= 1) == k)
@@ -201,7 +327,7 @@ def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array) -> jax.
     lo, hi, cnt_hi, exact, active = carry
     mid = lo + (hi - lo) // 2
     # Counted in float32 (exact below 2^24 per row): XLA:CPU reduces it ~25% faster than int32.
-    count = jnp.sum(jnp.where(key >= mid[..., None], 1.0, 0.0), axis=-1).astype(jnp.int32)
+    count = psum(jnp.sum(jnp.where(key >= mid[..., None], 1.0, 0.0), axis=-1)).astype(jnp.int32)
     up = active & (count >= k)
     down = active & (count < k)
     lo, hi = jnp.where(up, mid, lo), jnp.where(down, mid, hi)
@@ -215,10 +341,14 @@ def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array) -> jax.
 
   def break_ties(above):
     # Not exact: the k-th value is tied (hi == lo + 1). Keep all above it and the first
-    # k - cnt_hi of the tied entries in index order.
+    # k - cnt_hi of the tied entries in index (or column id) order.
     tied = key == lo[..., None]
-    rank = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - 1
-    with_ties = (key >= hi[..., None]) | (tied & (rank < (k - cnt_hi)[..., None]))
+    need = k - cnt_hi
+    if column is None and axis_name is None:
+      first = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= need[..., None]
+    else:
+      first = _first_by_column(tied, need, column, axis_name)
+    with_ties = (key >= hi[..., None]) | (tied & first)
     return jnp.where(exact[..., None], above, with_ties)
 
   mask = lax.cond(jnp.any(~exact & (k > 0)), break_ties, lambda a: a, above)
@@ -236,7 +366,8 @@ def _sorted_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array, k_max: 
 
 
 def top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array | int, *, k_max: int | None = None,
-               impl: Selection = "bisect") -> jax.Array:
+               impl: Selection = "bisect", axis_name: AxisName = None,
+               column: jax.Array | None = None) -> jax.Array:
   """Mask of the k largest valid scores along the last axis: the set `lax.top_k` selects.
 
   Args:
@@ -246,24 +377,30 @@ def top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array | int, *, k_max:
     k_max: static bound on k (needed by 'sort' / 'approx' when k is an array).
     impl: 'bisect' (threshold by bisection, exact; O(n) per pass, no sort: the fast one on CPU),
       'sort' (`lax.top_k` + scatter, exact), 'approx' (`lax.approx_max_k`, for TPU; recall ~0.95).
+    axis_name: the row's entries are spread over this mesh axis ('bisect' only).
+    column: optional [n] int ids of the entries, distinct over all devices: ties at the k-th
+      value keep the lower ids ('bisect'; default: the index order).
   Returns:
     [..., n] bool. Ties at the k-th value keep the lower index, as `lax.top_k`.
   """
   score = lax.stop_gradient(score)
   if impl not in ("bisect", "sort", "approx"):
     raise ValueError(f"top_k must be 'bisect', 'sort' or 'approx', got {impl!r}")
+  if axis_name is not None and impl != "bisect":
+    raise ValueError(f"top_k={impl!r} selects within one device; rows spread over devices "
+                     "(contrast.global_batch=True) need top_k='bisect'")
   if isinstance(k, int):
     k_max = k if k_max is None else k_max
   elif k_max is None:
     k_max = score.shape[-1]
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), score.shape[:-1])
   if impl == "bisect":
-    return _bisect_top_k_mask(score, valid, k)
+    return _bisect_top_k_mask(score, valid, k, axis_name, column)
   return _sorted_top_k_mask(score, valid, k, min(int(k_max), score.shape[-1]), impl == "approx")
 
 
-def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: int
-                      ) -> tuple[jax.Array, jax.Array]:
+def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: int, *,
+                      axis_name: AxisName = None) -> tuple[jax.Array, jax.Array]:
   """The top entries of a weighted sample: an estimate of the top k of the population it stands for.
 
   Each valid entry i stands for `weight[i]` members of a larger population (its inverse inclusion
@@ -281,6 +418,7 @@ def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: 
     valid: [..., n] bool.
     weight: positive float weights broadcastable to [..., n].
     k: static size of the population's top set.
+    axis_name: the row's entries are spread over this mesh axis (masses summed over devices).
   Returns:
     mask [..., n] bool, scaled weights [..., n] float32 (0 where not selected).
   """
@@ -288,11 +426,13 @@ def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: 
   w = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), key.shape)
 
   def mass(threshold):  # weight at or above a threshold, per row
-    return jnp.sum(jnp.where(key >= threshold[..., None], w, 0.0), axis=-1)
+    return collectives.psum(jnp.sum(jnp.where(key >= threshold[..., None], w, 0.0), axis=-1),
+                            axis_name)
 
-  lo = jnp.minimum(jnp.max(key, axis=-1), jnp.uint32(1))  # key >= 1 <=> valid
+  top = collectives.pmax(jnp.max(key, axis=-1), axis_name)
+  lo = jnp.minimum(top, jnp.uint32(1))  # key >= 1 <=> valid
   target = jnp.minimum(jnp.float32(k), mass(lo))  # same expression as mass(lo): exact compare
-  hi = jnp.max(key, axis=-1) + jnp.uint32(1)  # mass(hi) = 0 < target (unless nothing is valid)
+  hi = top + jnp.uint32(1)  # mass(hi) = 0 < target (unless nothing is valid)
 
   def body(_, carry):
     lo, hi = carry
@@ -302,14 +442,15 @@ def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: 
 
   lo, _ = lax.fori_loop(0, 32, body, (lo, hi))
   mask = valid & (key >= lo[..., None])
-  selected = jnp.sum(jnp.where(mask, w, 0.0), axis=-1)
+  selected = collectives.psum(jnp.sum(jnp.where(mask, w, 0.0), axis=-1), axis_name)
   scale = target / jnp.maximum(selected, 1e-30)
   return mask, jnp.where(mask, w * scale[..., None], 0.0)
 
 
 def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,
               harder: Literal["low", "high"], fraction: float = 0.1, top_k: Selection = "bisect",
-              at_least_num: bool = False) -> jax.Array:
+              at_least_num: bool = False, column: jax.Array | None = None,
+              axis_name: AxisName = None) -> jax.Array:
   """Selects per anchor `num` entries of a similarity block (paper Sec. 3.2); returns a mask.
 
   Modes: 'random' -- uniform among the valid entries; 'hardest' -- the `num` hardest;
@@ -328,19 +469,28 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
     rng: PRNG key (random draws of 'random' and 'semi_hard').
     fraction: semi-hard's top fraction, a float or a traced scalar in (0, 1] (1 = random).
     top_k: selection implementation, see `top_k_mask`.
+    column: optional [Q] int ids of the candidates: the random draws of a candidate then depend
+      only on its id (`column_uniform`), not on which device holds it.
+    axis_name: the candidates are spread over this mesh axis (each device passes its own [A, Q]).
   Returns:
     [A, Q] bool with min(num, n_valid) entries per row (semi-hard: min(num, m)).
   """
-  q = sim.shape[-1]
+  q = sim.shape[-1] * collectives.size(axis_name)  # candidates per row over all devices
   sim = lax.stop_gradient(sim)
   hardness = -sim if harder == "low" else sim
-  select = functools.partial(top_k_mask, impl=top_k)
+  select = functools.partial(top_k_mask, impl=top_k, axis_name=axis_name, column=column)
+
+  def uniform():
+    if column is None:
+      return jax.random.uniform(rng, sim.shape)
+    return column_uniform(rng, column, sim.shape[0])
+
   if mode == "random":
-    return select(jax.random.uniform(rng, sim.shape), valid, num)
+    return select(uniform(), valid, num)
   if mode == "hardest":
     return select(hardness, valid, num)
   if mode == "semi_hard":
-    n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [A]
+    n_valid = collectives.psum(jnp.sum(valid, axis=-1, dtype=jnp.int32), axis_name)  # [A]
     m = _fraction_count(n_valid, fraction)
     # Static bound on m; a traced fraction (the hardness curriculum) may be anything up to 1.
     top = _fraction_count(q, fraction) if isinstance(fraction, (int, float)) else q
@@ -350,5 +500,5 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
     top_mask = select(hardness, valid, m, k_max=top)
     if num >= top:
       return top_mask  # the whole top part is the sample (pool = K / fraction: the default)
-    return select(jax.random.uniform(rng, sim.shape), top_mask, num)
+    return select(uniform(), top_mask, num)
   raise ValueError(f"mining must be 'random', 'hardest' or 'semi_hard', got {mode!r}")

@@ -115,6 +115,20 @@ def test_top_k_mask_bisect_selects_the_set_of_lax_top_k():
         assert score[row][sel].min() >= score[row][ok & ~sel].max()
 
 
+def test_top_k_mask_ties_keep_the_lower_column_ids():
+  # With column ids, ties at the k-th value are broken by id, not by position: the selection is
+  # the index-order selection of the entries sorted by id (how a row split over devices, in
+  # another order, still selects what one device does).
+  rng = np.random.default_rng(2)
+  select = jax.jit(lambda s, v, k, c: sampling.top_k_mask(s, v, k, column=c))
+  for score, valid, k in _top_k_mask_cases():
+    column = rng.permutation(score.shape[-1]).astype(np.int32)
+    by_id = np.argsort(column)  # entry holding id j
+    want = np.zeros_like(valid)
+    want[:, by_id] = np.asarray(_top_k_mask(score[:, by_id], valid[:, by_id], k, "sort"))
+    np.testing.assert_array_equal(np.asarray(select(score, valid, k, column)), want)
+
+
 def test_top_k_mask_static_k_under_jit_and_map():
   rng = np.random.default_rng(1)
   score = jnp.asarray(rng.normal(size=(3, 4, 500)).astype(np.float32))

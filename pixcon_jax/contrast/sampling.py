@@ -434,10 +434,16 @@ def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: 
   target = jnp.minimum(jnp.float32(k), mass(lo))  # same expression as mass(lo): exact compare
   hi = top + jnp.uint32(1)  # mass(hi) = 0 < target (unless nothing is valid)
 
+  # "Reaches k" up to float32 rounding: with fractional weights a mass can equal k exactly in
+  # reals (e.g. 16/3 + 8/3) and land on either side of it depending on the order of the sum, which
+  # differs between one device and a psum over many. Weights are >= 1 (a pool is at most its
+  # source), so this slack never admits one more entry.
+  reach = target * jnp.float32(1.0 - 1e-5)
+
   def body(_, carry):
     lo, hi = carry
     mid = lo + (hi - lo) // 2
-    up = mass(mid) >= target
+    up = mass(mid) >= reach
     return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
 
   lo, _ = lax.fori_loop(0, 32, body, (lo, hi))

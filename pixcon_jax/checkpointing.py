@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from etils import epath
 import grain.python as grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,6 +28,19 @@ from pixcon_jax import validation
 STATE = "state"
 DATA = "data"
 BEST_METRIC = "miou"
+
+
+def variable_shapes(model: Any, image_size: tuple[int, int] = (64, 64)) -> Any:
+  """The model's variables as ShapeDtypeStructs, without allocating them: a read target.
+
+  Args:
+    model: a segmentation model (linen module) taking `image [1, H, W, 3]`.
+    image_size: (H, W) of the traced input; variable shapes do not depend on it.
+  Returns:
+    {"params": ..., "batch_stats": ...} of `jax.ShapeDtypeStruct`s (init with `train=False`).
+  """
+  image = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
 
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -166,19 +180,6 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
         f"no readable checkpoint under {manager.directory} (steps {skipped} set aside as "
         f"*.unreadable); delete that folder or use another --workdir to start afresh")
   return None
-
-
-def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-  """The train state of a run's checkpoint (latest, or `step`), e.g. for evaluation."""
-  path = paths.resolve(workdir) / "checkpoints"
-  with ocp.CheckpointManager(path, item_handlers={STATE: ocp.StandardCheckpointHandler()},
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {path}")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state)}))
-  return out[STATE], step
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:

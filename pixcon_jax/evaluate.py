@@ -410,7 +410,7 @@ def _check_complete(variables: Mapping[str, Any], model: Any, name: str) -> None
   import flax  # pylint: disable=g-import-not-at-top
   from pixcon_jax import convert  # pylint: disable=g-import-not-at-top
   want = flax.traverse_util.flatten_dict(
-      {k: v for k, v in flax.core.unfreeze(convert.variable_shapes(model)).items()
+      {k: v for k, v in flax.core.unfreeze(checkpointing.variable_shapes(model)).items()
        if k in ("params", "batch_stats")})
   have = flax.traverse_util.flatten_dict(
       {k: dict(v) for k, v in variables.items() if k in ("params", "batch_stats")})
@@ -450,7 +450,7 @@ def load_variables(config: Any, workdir: str, exp: Any = None) -> tuple[dict[str
     # Only {params, batch_stats} of the saved TrainState, restored partially and straight onto
     # the mesh: the optimizer state and the memory bank are never read, so a checkpoint of any
     # contrast / memory setting (e.g. an ablation's baseline) evaluates with any config.
-    shapes = convert.variable_shapes(exp.eval_model)
+    shapes = checkpointing.variable_shapes(exp.eval_model)
     target = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                               shapes.get(k, {})) for k in ("params", "batch_stats")}
     path = ckpt_dir / str(latest) / checkpointing.STATE

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from pixcon_jax import host_memory
 from pixcon_jax import log_filters
 from pixcon_jax import multihost
-from pixcon_jax import user_paths
+from pixcon_jax import paths
 from pixcon_jax import validation
 from pixcon_jax import xla_cpu
 
@@ -155,8 +155,8 @@ def main(argv: list[str]) -> None:
                os.environ.get("GLIBC_TUNABLES", ""), os.environ.get("XLA_FLAGS", ""))
   from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
-  user_paths.expand_config_paths(config)  # The shell expands no `~` after `=`.
-  workdir = os.path.expanduser(FLAGS.workdir)
+  paths.expand_config_paths(config)  # The shell expands no `~` after `=`.
+  workdir = FLAGS.workdir  # Each mode resolves it (`paths.resolve`: `~`, relative, gs://).
   try:
     # Before any compiling: a bad step count would otherwise surface after the first compile.
     validation.validate_config(config)

@@ -283,10 +283,10 @@ def _fake_cityscapes_split(first_image, first_label, n=3, h=64, w=128):
 
 
 def test_tiny_converted_hrnet_multiscale_flip_evaluation(golden_dir):
-  from pixcon_jax import convert, models
+  from pixcon_jax import checkpointing, convert, models
   from golden_parity import models as parity_models
   model = models.build_model("hrnet_w48_contrast", num_classes=19, **TINY_HRNET)
-  spec = _torch_spec_of(convert.variable_shapes(model))
+  spec = _torch_spec_of(checkpointing.variable_shapes(model))
   state_dict = parity_models.golden_weights_module(golden_dir).torch_style_weights(spec, 0.5)
   variables, report = convert.convert_for_model("hrnet_w48_contrast", state_dict, num_classes=19,
                                                 **TINY_HRNET)

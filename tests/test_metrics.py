@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from pixcon_jax import metrics
 
 
@@ -104,7 +105,7 @@ def test_clu_confusion_matrix_metric_merges():
   pred, label, valid = _random_case(seed=3)
   m = metrics.ConfusionMatrix.empty(5)
   for i in range(3):
-    m = m.merge(metrics.ConfusionMatrix.from_model_output(
+    m = m.merge(helpers.confusion_metric(
         prediction=jnp.asarray(pred[i:i + 1]), label=jnp.asarray(label[i:i + 1]), num_classes=5))
   np.testing.assert_array_equal(m.compute(), metrics.confusion_matrix_numpy(pred, label, 5))
 

@@ -21,9 +21,9 @@ TINY = dict(widths=(8, 16, 32, 64), stage_modules=(1, 1, 1), num_blocks=1, stem_
 def random_variables(model, seed: int = 0) -> dict:
   """He-normal kernels, unit BN: no `model.init` run, so no compile (seconds saved per test)."""
   import flax
-  from pixcon_jax import convert
+  from pixcon_jax import checkpointing
   rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(convert.variable_shapes(model)))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(checkpointing.variable_shapes(model)))
   out = {}
   for path, leaf in flat.items():
     if path[-1] == "kernel":

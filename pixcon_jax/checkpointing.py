@@ -1,9 +1,13 @@
-"""Orbax checkpoints: train state + grain iterator state in one composite; preemption; init_from.
+"""Orbax checkpoints: train state + grain iterator state in one composite; preemption; weights.
 
 A checkpoint at step s holds the `TrainState` after s steps and the data iterator positioned
 at the batch of step s + 1, written together (a composite item, finalised atomically by
 orbax's rename of its temporary directory), so a restart resumes with the same batch, LR,
 optimizer state, memory bank and RNG. Kept: the latest `max_to_keep` plus the best-mIoU one.
+
+Weights without a train state are read here too: `config.init_from` (converted official
+weights, `load_pretrained` / `merge_pretrained`) and, for modes eval and predict, the model's
+variables of a run's latest checkpoint (`load_variables`).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 from etils import epath
+import flax
 import grain.python as grain
 import jax
 import jax.numpy as jnp
@@ -384,3 +389,76 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any]
       node[k[-1]] = v
     merged[col] = tree
   return merged, report
+
+
+# ------------------------------------------------------------------------------------------
+# Inference weights (modes eval and predict): the model's variables only.
+
+INFERENCE_COLLECTIONS = ("params", "batch_stats")
+
+
+def check_complete(variables: Mapping[str, Any], model: Any, name: str) -> None:
+  """Raises ValueError naming every missing or mis-shaped variable of `model` in `variables`.
+
+  Args:
+    variables: {"params", "batch_stats"} (arrays of any kind; other collections are ignored).
+    model: the model they are for (its shapes come from `variable_shapes`).
+    name: where the variables came from, for the message.
+  """
+  want = flax.traverse_util.flatten_dict(
+      {k: v for k, v in flax.core.unfreeze(variable_shapes(model)).items()
+       if k in INFERENCE_COLLECTIONS})
+  have = flax.traverse_util.flatten_dict(
+      {k: dict(v) for k, v in variables.items() if k in INFERENCE_COLLECTIONS})
+  missing = ["/".join(p) for p in want if p not in have]
+  bad = [f"{'/'.join(p)} {tuple(np.shape(have[p]))} != {tuple(want[p].shape)}"
+         for p in want if p in have and tuple(np.shape(have[p])) != tuple(want[p].shape)]
+  if missing or bad:
+    raise ValueError(f"{name} does not fit the model: {len(missing)} missing "
+                     f"{missing[:10]}, {len(bad)} shape mismatches {bad[:10]}")
+
+
+def load_variables(config: ml_collections.ConfigDict, workdir: str, *, model: Any,
+                   mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], str, int]:
+  """Inference variables: the latest checkpoint in `workdir`, else `config.init_from`.
+
+  Args:
+    config: the experiment config (`init_from`).
+    workdir: run directory (checkpoints under `workdir/checkpoints`), local or gs://.
+    model: the eval model the variables are for (`setup.Experiment.eval_model`).
+    mesh: the variables are replicated on it.
+  Returns:
+    ({"params", "batch_stats"} replicated on the mesh, description of the source, step; 0
+    for `init_from`).
+  Raises:
+    validation.MissingInputError naming both places when neither has weights; ValueError when
+    the weights do not fit `model`.
+  """
+  ckpt_dir = paths.resolve(workdir) / "checkpoints"
+  latest = None
+  if ckpt_dir.is_dir():
+    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        read_only=True)) as mngr:
+      latest = mngr.latest_step()
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if latest is not None:
+    # Only {params, batch_stats} of the saved TrainState, restored partially and straight onto
+    # the mesh: the optimizer state and the memory bank are never read, so a checkpoint of any
+    # contrast / memory setting (e.g. an ablation's baseline) evaluates with any config.
+    shapes = variable_shapes(model)
+    target = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                              shapes.get(k, {})) for k in INFERENCE_COLLECTIONS}
+    path = ckpt_dir / str(latest) / STATE
+    variables = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    variables = {k: variables.get(k, {}) for k in INFERENCE_COLLECTIONS}
+    check_complete(variables, model, f"checkpoint {path}")
+    return variables, f"checkpoint {ckpt_dir} step {latest}", int(latest)
+  if config.get("init_from"):
+    variables = load_pretrained(config.init_from)
+    variables = {k: variables.get(k, {}) for k in INFERENCE_COLLECTIONS}
+    check_complete(variables, model, f"config.init_from={config.init_from!r}")
+    return jax.device_put(variables, rep), f"init_from {config.init_from}", 0
+  raise validation.MissingInputError(
+      f"no checkpoint under {ckpt_dir} and config.init_from is not set: nothing to evaluate")

@@ -90,11 +90,11 @@ def prepare(config, contrast: bool):
   """Compiles one variant's step; returns (compiled, state, batch, report without times)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.contrast.enabled = contrast
-  exp = train.setup(config)
+  exp = setup.for_training(config)
   h, w = config.data.crop_size
   state = ts.create_train_state(
       config, exp.train_model, exp.tx, exp.mesh, image_shape=(h, w, 3),

@@ -15,6 +15,7 @@ speed-up over it (`*_speedup_vs_official`, > 1 when ours is faster).
   python scripts/bench_train.py --official_repo=../ContrastiveSeg --torch_python=/venv/bin/python
   python scripts/bench_train.py --model=hrnet_w48_ocr_contrast --dtype=bfloat16 --steps=10
 """
+import importlib
 import json
 import os
 import pathlib
@@ -29,7 +30,6 @@ from absl import flags
 import xla_cost  # scripts/xla_cost.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
 
 flags.DEFINE_string("config", "cityscapes_hrnet", "Experiment config module in configs/.")
 flags.DEFINE_string("model", "hrnet_w48_contrast", "Registered model name.")
@@ -157,7 +157,7 @@ def main(argv):
     from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   import jax  # pylint: disable=g-import-not-at-top
-  config = __import__(FLAGS.config).get_config(FLAGS.arg)
+  config = importlib.import_module(f"configs.{FLAGS.config}").get_config(FLAGS.arg)
   config.model.name = FLAGS.model
   config.model.dtype = FLAGS.dtype
   config.model.conv_impl = FLAGS.conv_impl

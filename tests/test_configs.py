@@ -1,12 +1,8 @@
 """Every experiment config loads in all its variants, and its runlocal variant traces a train step."""
 import importlib
-import pathlib
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
 
 EXPERIMENTS = ("cityscapes_hrnet", "cityscapes_hrnet_ocr", "cityscapes_resnet101_deeplabv3",
                "cityscapes_resnet101_ocr", "pascal_context_hrnet_ocr", "coco_stuff_hrnet_ocr",
@@ -14,7 +10,7 @@ EXPERIMENTS = ("cityscapes_hrnet", "cityscapes_hrnet_ocr", "cityscapes_resnet101
 
 
 def _config(name, arg=None):
-  return importlib.import_module(name).get_config(arg)
+  return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -261,9 +261,7 @@ def test_tiny_model_learns_the_synthetic_scenes():
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(REPO / "configs"))
-  import common  # pylint: disable=g-import-not-at-top
-  import demo  # pylint: disable=g-import-not-at-top
+  from configs import common, demo  # pylint: disable=g-import-not-at-top
   from pixcon_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from pixcon_jax import inference, metrics, setup, sharding, train  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top

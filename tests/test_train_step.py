@@ -22,8 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_config(recipe: str = "paper"):
   """cityscapes_hrnet:runlocal with 32x32 crops, global batch 8 (one image per fake device)."""
-  sys.path.insert(0, str(REPO / "configs"))
-  import cityscapes_hrnet  # pylint: disable=g-import-not-at-top
+  from configs import cityscapes_hrnet  # pylint: disable=g-import-not-at-top
   config = cityscapes_hrnet.get_config("runlocal" + (",official" if recipe == "official" else ""))
   config.data.batch_size = 8
   config.data.crop_size = (32, 32)

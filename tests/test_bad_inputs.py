@@ -497,8 +497,8 @@ def test_orbax_and_grain_info_lines_are_filtered_but_warnings_kept():
 def test_unprepared_dataset_is_an_input_error_naming_the_folder_and_the_fix(tmp_path):
   """main ends an InputError in one `error:` line (exit 2); a missing TFDS folder is one."""
   from pixcon_jax import validation  # pylint: disable=g-import-not-at-top
-  from pixcon_jax.data import sources  # pylint: disable=g-import-not-at-top
-  source = sources.make_source({"dataset": "cityscapes", "data_dir": str(tmp_path / "none")},
+  from pixcon_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  source = datasets.make_source({"dataset": "cityscapes", "data_dir": str(tmp_path / "none")},
                                "train")
   with pytest.raises(validation.MissingInputError) as e:
     len(source)

@@ -3,8 +3,8 @@ to where they are used (pixcon_jax.paths)."""
 import os
 
 from pixcon_jax import paths
-from pixcon_jax.data import defaults
-from pixcon_jax.data import sources
+from pixcon_jax.data import config_defaults
+from pixcon_jax.data import datasets
 
 
 def test_gs_url_is_kept_not_joined_to_the_working_directory():
@@ -37,15 +37,15 @@ def test_data_dir_with_tilde_from_the_command_line_reaches_the_tfds_source(parse
   assert config.predict.output_dir == os.path.join(home, "out")
   assert config.predict.input_dir == ""  # Unset keys stay unset.
   assert f"data_dir={os.path.join(home, 'tfds')!r}" in repr(
-      sources.make_source(config.data, "train"))
+      datasets.make_source(config.data, "train"))
 
 
 def test_tfds_keys_unset_with_none_or_empty_string_use_the_dataset_defaults():
-  c = defaults.default_data_config("cityscapes")
-  default = repr(sources.make_source(c, "train"))
+  c = config_defaults.default_data_config("cityscapes")
+  default = repr(datasets.make_source(c, "train"))
   assert "'cityscapes/semantic_segmentation'" in default and "data_dir=None" in default
   c.data_dir, c.tfds_name = "", ""
-  assert repr(sources.make_source(c, "train")) == default
+  assert repr(datasets.make_source(c, "train")) == default
   c.data_dir, c.tfds_name = "~/d", "my_builder"
-  assert repr(sources.make_source(c, "train")) == (
+  assert repr(datasets.make_source(c, "train")) == (
       f"TfdsSource('my_builder', split='train', data_dir={os.path.expanduser('~/d')!r})")

@@ -230,4 +230,5 @@ def convert_for_model(name: str, state_dict: Mapping[str, Any], *, num_classes: 
                       ) -> tuple[dict[str, Any], ConversionReport]:
   """`convert_state_dict` against the registered model `name` (see `models.build_model`)."""
   model = models.build_model(name, num_classes=num_classes, **overrides)
-  return convert_state_dict(state_dict, checkpointing.variable_shapes(model), backbone_only=backbone_only)
+  return convert_state_dict(state_dict, checkpointing.variable_shapes(model),
+                            backbone_only=backbone_only)

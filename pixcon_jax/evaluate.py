@@ -81,7 +81,8 @@ class Evaluator:
     self._zeros_fns: dict[tuple[int, ...], Callable[[], jax.Array]] = {}
 
     def add_scale(variables, image, acc, *, scale):
-      return acc + inference.scale_scores(apply_fn, variables, image, scale=scale, settings=settings)
+      return acc + inference.scale_scores(apply_fn, variables, image, scale=scale,
+                                          settings=settings)
 
     # One compiled function per scale (static output size); the accumulator is donated so
     # only one full-resolution score map lives per device.
@@ -173,7 +174,8 @@ def make_evaluator(config: Any, model: Any, mesh: Mesh | None = None, *,
   num_classes = int(config.model.num_classes)
   if class_names is None:
     class_names = _dataset_class_names(config, num_classes)
-  apply_fn = inference.logits_apply_fn(model, matmul_precision=precision_lib.matmul_precision(config))
+  apply_fn = inference.logits_apply_fn(
+      model, matmul_precision=precision_lib.matmul_precision(config))
   return Evaluator(apply_fn, mesh, num_classes=num_classes,
                    settings=inference.settings_from_config(config.eval), class_names=class_names)
 

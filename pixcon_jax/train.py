@@ -186,7 +186,8 @@ def evaluate(exp: setup.Experiment, evaluator: evaluate_lib.Evaluator, predictor
     valid = np.asarray(first.get("valid", np.ones(len(first["image"]), bool)))
     first = {k: np.asarray(v)[valid] for k, v in first.items() if k in ("image", "label")}
     if len(first["image"]):
-      writer.write_images(step, {"eval/predictions": prediction_images(exp, predictor, variables, first, num)})
+      writer.write_images(step, {"eval/predictions": prediction_images(exp, predictor, variables,
+                                                                       first, num)})
   writer.flush()
   logging.info("step %d: eval mIoU %.4f (%.1fs)", step, float(metrics["miou"]),
                scalars["eval/seconds"])

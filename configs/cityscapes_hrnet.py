@@ -4,11 +4,7 @@ Args (comma-separated): runlocal (CPU-sized), official (the released recipe: in-
 lambda 0.1 after 5000 steps, tau/base_tau, 40K steps), bf16 (bfloat16 compute).
   python -m pixcon_jax.main --config=configs/cityscapes_hrnet.py:official --workdir=...
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ is not a package.
-import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config(arg=None):

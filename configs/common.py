@@ -11,7 +11,7 @@ from typing import Sequence
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from pixcon_jax.data import defaults as data_defaults
+from pixcon_jax.data import config_defaults as data_defaults
 
 # Arguments accepted by every experiment's get_config(arg): comma-separated flags.
 KNOWN_ARGS = ("runlocal", "official", "bf16")

@@ -5,13 +5,9 @@ Trains on a 2-core CPU to >= 50% val mIoU within 15 minutes including evaluation
 and writes mIoU to TensorBoard.
   python -m pixcon_jax.main --config=configs/demo.py --workdir=/tmp/demo
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ is not a package.
-import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config(arg=None):

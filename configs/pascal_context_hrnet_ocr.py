@@ -1,9 +1,5 @@
 """PASCAL-Context (59 classes), HRNetV2-W48 + OCR + pixel contrast (paper Table 5)."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ is not a package.
-import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config(arg=None):

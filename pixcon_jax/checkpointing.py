@@ -1,9 +1,13 @@
-"""Orbax checkpoints: train state + grain iterator state in one composite; preemption; init_from.
+"""Orbax checkpoints: train state + grain iterator state in one composite; preemption; weights.
 
 A checkpoint at step s holds the `TrainState` after s steps and the data iterator positioned
 at the batch of step s + 1, written together (a composite item, finalised atomically by
 orbax's rename of its temporary directory), so a restart resumes with the same batch, LR,
 optimizer state, memory bank and RNG. Kept: the latest `max_to_keep` plus the best-mIoU one.
+
+Weights without a train state are read here too: `config.init_from` (converted official
+weights, `load_pretrained` / `merge_pretrained`) and, for modes eval and predict, the model's
+variables of a run's latest checkpoint (`load_variables`).
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import threading
 from typing import Any, Callable, Mapping
 
 from etils import epath
+import flax
 import grain.python as grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,6 +33,19 @@ from pixcon_jax import validation
 STATE = "state"
 DATA = "data"
 BEST_METRIC = "miou"
+
+
+def variable_shapes(model: Any, image_size: tuple[int, int] = (64, 64)) -> Any:
+  """The model's variables as ShapeDtypeStructs, without allocating them: a read target.
+
+  Args:
+    model: a segmentation model (linen module) taking `image [1, H, W, 3]`.
+    image_size: (H, W) of the traced input; variable shapes do not depend on it.
+  Returns:
+    {"params": ..., "batch_stats": ...} of `jax.ShapeDtypeStruct`s (init with `train=False`).
+  """
+  image = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
 
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -166,19 +185,6 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
         f"no readable checkpoint under {manager.directory} (steps {skipped} set aside as "
         f"*.unreadable); delete that folder or use another --workdir to start afresh")
   return None
-
-
-def restore_state_only(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-  """The train state of a run's checkpoint (latest, or `step`), e.g. for evaluation."""
-  path = paths.resolve(workdir) / "checkpoints"
-  with ocp.CheckpointManager(path, item_handlers={STATE: ocp.StandardCheckpointHandler()},
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {path}")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state)}))
-  return out[STATE], step
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -383,3 +389,76 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any]
       node[k[-1]] = v
     merged[col] = tree
   return merged, report
+
+
+# ------------------------------------------------------------------------------------------
+# Inference weights (modes eval and predict): the model's variables only.
+
+INFERENCE_COLLECTIONS = ("params", "batch_stats")
+
+
+def check_complete(variables: Mapping[str, Any], model: Any, name: str) -> None:
+  """Raises ValueError naming every missing or mis-shaped variable of `model` in `variables`.
+
+  Args:
+    variables: {"params", "batch_stats"} (arrays of any kind; other collections are ignored).
+    model: the model they are for (its shapes come from `variable_shapes`).
+    name: where the variables came from, for the message.
+  """
+  want = flax.traverse_util.flatten_dict(
+      {k: v for k, v in flax.core.unfreeze(variable_shapes(model)).items()
+       if k in INFERENCE_COLLECTIONS})
+  have = flax.traverse_util.flatten_dict(
+      {k: dict(v) for k, v in variables.items() if k in INFERENCE_COLLECTIONS})
+  missing = ["/".join(p) for p in want if p not in have]
+  bad = [f"{'/'.join(p)} {tuple(np.shape(have[p]))} != {tuple(want[p].shape)}"
+         for p in want if p in have and tuple(np.shape(have[p])) != tuple(want[p].shape)]
+  if missing or bad:
+    raise ValueError(f"{name} does not fit the model: {len(missing)} missing "
+                     f"{missing[:10]}, {len(bad)} shape mismatches {bad[:10]}")
+
+
+def load_variables(config: ml_collections.ConfigDict, workdir: str, *, model: Any,
+                   mesh: jax.sharding.Mesh) -> tuple[dict[str, Any], str, int]:
+  """Inference variables: the latest checkpoint in `workdir`, else `config.init_from`.
+
+  Args:
+    config: the experiment config (`init_from`).
+    workdir: run directory (checkpoints under `workdir/checkpoints`), local or gs://.
+    model: the eval model the variables are for (`setup.Experiment.eval_model`).
+    mesh: the variables are replicated on it.
+  Returns:
+    ({"params", "batch_stats"} replicated on the mesh, description of the source, step; 0
+    for `init_from`).
+  Raises:
+    validation.MissingInputError naming both places when neither has weights; ValueError when
+    the weights do not fit `model`.
+  """
+  ckpt_dir = paths.resolve(workdir) / "checkpoints"
+  latest = None
+  if ckpt_dir.is_dir():
+    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        read_only=True)) as mngr:
+      latest = mngr.latest_step()
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if latest is not None:
+    # Only {params, batch_stats} of the saved TrainState, restored partially and straight onto
+    # the mesh: the optimizer state and the memory bank are never read, so a checkpoint of any
+    # contrast / memory setting (e.g. an ablation's baseline) evaluates with any config.
+    shapes = variable_shapes(model)
+    target = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                              shapes.get(k, {})) for k in INFERENCE_COLLECTIONS}
+    path = ckpt_dir / str(latest) / STATE
+    variables = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    variables = {k: variables.get(k, {}) for k in INFERENCE_COLLECTIONS}
+    check_complete(variables, model, f"checkpoint {path}")
+    return variables, f"checkpoint {ckpt_dir} step {latest}", int(latest)
+  if config.get("init_from"):
+    variables = load_pretrained(config.init_from)
+    variables = {k: variables.get(k, {}) for k in INFERENCE_COLLECTIONS}
+    check_complete(variables, model, f"config.init_from={config.init_from!r}")
+    return jax.device_put(variables, rep), f"init_from {config.init_from}", 0
+  raise validation.MissingInputError(
+      f"no checkpoint under {ckpt_dir} and config.init_from is not set: nothing to evaluate")

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixcon_jax import checkpointing
+from pixcon_jax import models
 from pixcon_jax.models.segmenter import BACKBONE_PREFIX
 
 # Top-level torch modules (after an optional `backbone.`) that our models never use:
@@ -223,32 +225,10 @@ def merge_variables(base: Any, update: Any) -> dict[str, Any]:
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def variable_shapes(model: Any, image_size: tuple[int, int] = (64, 64)) -> Any:
-  """The model's variables as ShapeDtypeStructs, without allocating them."""
-  image = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
-
-
 def convert_for_model(name: str, state_dict: Mapping[str, Any], *, num_classes: int,
                       backbone_only: bool = False, **overrides: Any
                       ) -> tuple[dict[str, Any], ConversionReport]:
   """`convert_state_dict` against the registered model `name` (see `models.build_model`)."""
-  from pixcon_jax import models  # pylint: disable=g-import-not-at-top
   model = models.build_model(name, num_classes=num_classes, **overrides)
-  return convert_state_dict(state_dict, variable_shapes(model), backbone_only=backbone_only)
-
-
-def flax_to_state_dict(variables: Any) -> dict[str, np.ndarray]:
-  """The inverse table: Flax variables -> a torch-style state_dict (numpy, torch layouts).
-
-  Used to export our weights and to test the conversion round trip. A module is BN
-  when it has a `scale`; `num_batches_tracked` is not produced.
-  """
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
-  out = {}
-  for path, value in flat.items():
-    value = np.asarray(value)
-    if path[0] == "params" and path[-1] == "kernel":
-      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    out[torch_leaf_name(path)] = value
-  return out
+  return convert_state_dict(state_dict, checkpointing.variable_shapes(model),
+                            backbone_only=backbone_only)

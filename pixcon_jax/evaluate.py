@@ -1,27 +1,7 @@
-"""Inference (whole-image / sliding-window, multi-scale + flip) and dataset-level evaluation.
+"""Dataset-level evaluation: the sharded `Evaluator` and mode `eval`.
 
-Inference protocol (matches the official `segmentor/tester.py`, `ss_test` / `ms_test` /
-`sscrop_test`, of ContrastiveSeg / openseg.pytorch):
-
-- For every scale s the full-resolution image [H, W] is resized with bilinear
-  `align_corners=True` to `(int(H * s), int(W * s))` (truncation, as `int()` in the
-  official code), run through the network, and the logits are resized back to [H, W]
-  with bilinear `align_corners=True`.
-- With flip, the horizontally flipped full-resolution image goes through the same path
-  and its full-resolution logits are flipped back.
-- The per-scale (and flipped) full-resolution maps are SUMMED and the prediction is the
-  argmax of the sum at full resolution. By default the raw logits are summed: that is
-  what the official `ms_test` does (its `probs` are the upsampled logits, no softmax).
-  `config.eval.aggregate = 'softmax'` sums per-pass softmax probabilities instead.
-- Sliding window (`mode='slide'`): at each scale, windows of `crop_size` are placed every
-  `stride` pixels plus one flush with the far border (the official `_decide_intersection`
-  with a configurable stride; official stride = crop), each window's logits are resized
-  to the window size, overlapping logits are averaged, and the averaged map is resized to
-  [H, W]. A dimension shorter than the crop uses one window of the whole dimension (no
-  padding), so an image that fits in one window gives exactly whole-image inference.
-
-Only `logits` of the model output is used: the projection head (`embedding`) and the
-memory bank play no part at inference (paper Sec. 3.4).
+The protocol (scales, flip, whole / sliding window) is `inference.py`'s; this module runs it
+over a split on the mesh and turns the predictions into a confusion matrix.
 
 Execution: one jitted, `shard_map`-ped function per scale adds that scale's (flip-)
 logits into a full-resolution accumulator (donated); a final jitted function takes the
@@ -30,6 +10,9 @@ padding examples excluded), `psum`-med over the mesh axis `'data'`. Inputs are g
 arrays (`jax.make_array_from_process_local_data`), so the sum spans hosts too. The
 dataset-level matrix is accumulated in int64 on the host; metrics come from it
 (`pixcon_jax.metrics`).
+
+Mode `eval` (`evaluate_checkpoint`) evaluates the latest checkpoint of a workdir, or
+`config.init_from`, on a split and writes the metrics.
 """
 from __future__ import annotations
 
@@ -40,221 +23,23 @@ import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from absl import logging
+from clu import metric_writers
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
+from pixcon_jax import checkpointing
+from pixcon_jax import data as data_lib
+from pixcon_jax import inference
 from pixcon_jax import metrics as metrics_lib
 from pixcon_jax import paths
 from pixcon_jax import precision as precision_lib
+from pixcon_jax import setup
 from pixcon_jax import sharding as sharding_lib
-from pixcon_jax.models import layers
 
 DATA_AXIS = sharding_lib.DATA_AXIS
-
-# Named protocols for `config.eval.protocol`. None/'' means: use the explicit keys.
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    # One pass at the original size.
-    "single": dict(scales=(1.0,), flip=False),
-    # Paper Sec. 4.1 "Testing": scales 0.75 to 2.0 step 0.25, with flipping.
-    "paper": dict(scales=(0.75, 1.0, 1.25, 1.5, 1.75, 2.0), flip=True),
-    # Official H_48_D_4_TEST.json: `ms_test`, scale_search 0.5 to 2.0 step 0.25, flipping.
-    "official": dict(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), flip=True),
-}
-
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceSettings:
-  """Static settings of the inference protocol (hashable, bound once).
-
-  Attributes:
-    mode: 'whole' or 'slide'.
-    scales: scale factors of the input image.
-    flip: also run the horizontally flipped image.
-    crop_size: (h, w) sliding window (mode 'slide').
-    stride: (h, w) window step (mode 'slide'); defaults to crop_size (official).
-    aggregate: 'logits' (official: sum raw upsampled logits) or 'softmax'.
-  """
-  mode: str = "whole"
-  scales: tuple[float, ...] = (1.0,)
-  flip: bool = False
-  crop_size: tuple[int, int] | None = None
-  stride: tuple[int, int] | None = None
-  aggregate: str = "logits"
-
-  def __post_init__(self):
-    if self.mode not in ("whole", "slide"):
-      raise ValueError(f"config.eval.mode must be 'whole' or 'slide', got {self.mode!r}")
-    if self.aggregate not in ("logits", "softmax"):
-      raise ValueError(f"config.eval.aggregate must be 'logits' or 'softmax', got {self.aggregate!r}")
-    if not self.scales or any(s <= 0 for s in self.scales):
-      raise ValueError(f"config.eval.scales must be positive, got {self.scales!r}")
-    if self.mode == "slide":
-      if self.crop_size is None or len(self.crop_size) != 2 or min(self.crop_size) <= 0:
-        raise ValueError(f"config.eval.crop_size must be (h, w) > 0 for mode 'slide', "
-                         f"got {self.crop_size!r}")
-      if self.stride is not None and (len(self.stride) != 2 or min(self.stride) <= 0 or
-                                      any(s > c for s, c in zip(self.stride, self.crop_size))):
-        # A stride above the crop would leave pixels no window covers.
-        raise ValueError(f"config.eval.stride must be (h, w) with 0 < stride <= crop_size "
-                         f"{self.crop_size}, got {self.stride!r}")
-
-
-def _pair(value: Any) -> tuple[int, int] | None:
-  if value is None:
-    return None
-  if isinstance(value, (int, np.integer)):
-    return (int(value), int(value))
-  value = tuple(int(v) for v in value)
-  if not value or min(value) <= 0:  # () or (0, 0) means "not set"
-    return None
-  return value if len(value) == 2 else (value[0], value[0])
-
-
-def settings_from_config(eval_config: Any) -> InferenceSettings:
-  """Builds `InferenceSettings` from `config.eval`.
-
-  Keys (all optional): `protocol` ('single' | 'paper' | 'official' | None: named scales
-  and flip, overriding `scales`/`flip`), `mode`, `scales`, `flip`, `crop_size`, `stride`,
-  `aggregate`.
-  """
-  get = (lambda k, d=None: eval_config.get(k, d)) if hasattr(eval_config, "get") else (
-      lambda k, d=None: getattr(eval_config, k, d))
-  scales = tuple(float(s) for s in (get("scales") or (1.0,)))
-  flip = bool(get("flip", False))
-  protocol = get("protocol")
-  if protocol:
-    if protocol not in PROTOCOLS:
-      raise ValueError(f"config.eval.protocol must be one of {sorted(PROTOCOLS)} or None, "
-                       f"got {protocol!r}")
-    scales = tuple(PROTOCOLS[protocol]["scales"])
-    flip = bool(PROTOCOLS[protocol]["flip"])
-  return InferenceSettings(mode=get("mode", "whole") or "whole", scales=scales, flip=flip,
-                           crop_size=_pair(get("crop_size")), stride=_pair(get("stride")),
-                           aggregate=get("aggregate", "logits") or "logits")
-
-
-# ------------------------------------------------------------------------------------------
-# Pure inference functions (per device; jit / shard_map safe; shapes static).
-
-def window_starts(length: int, crop: int, stride: int) -> list[int]:
-  """Start offsets of sliding windows along one axis, the last flush with the border.
-
-  `length <= crop` gives one window [0, length). Otherwise windows every `stride` and
-  one more ending at `length` if the grid does not reach it.
-  """
-  if length <= crop:
-    return [0]
-  starts = list(range(0, length - crop + 1, stride))
-  if starts[-1] + crop < length:
-    starts.append(length - crop)
-  return starts
-
-
-def _whole_logits(apply_fn: ApplyFn, variables: Any, image: jax.Array) -> jax.Array:
-  """image [B, h, w, 3] -> head logits [B, h', w', C] (head stride)."""
-  return apply_fn(variables, image)
-
-
-def _slide_logits(apply_fn: ApplyFn, variables: Any, image: jax.Array,
-                  crop_size: tuple[int, int], stride: tuple[int, int]) -> jax.Array:
-  """Sliding-window logits averaged over overlaps.
-
-  Args:
-    image: [B, h, w, 3].
-  Returns:
-    [B, h, w, C] float32: each window's logits resized (align_corners) to the window
-    size, summed into the canvas and divided by the per-pixel window count.
-  """
-  _, h, w, _ = image.shape
-  ch, cw = min(crop_size[0], h), min(crop_size[1], w)
-  ys = window_starts(h, ch, stride[0])
-  xs = window_starts(w, cw, stride[1])
-  if len(ys) == 1 and len(xs) == 1:
-    return layers.resize_bilinear(apply_fn(variables, image), (h, w))
-  windows = [(y, x) for y in ys for x in xs]
-  crops = jnp.stack([image[:, y:y + ch, x:x + cw] for y, x in windows])  # [N, B, ch, cw, 3]
-  # lax.map runs the network once per window inside one compiled loop: the graph holds one
-  # copy of the network and peak memory is that of a single window.
-  logits = jax.lax.map(
-      lambda crop: layers.resize_bilinear(apply_fn(variables, crop), (ch, cw)), crops)
-  count = np.zeros((h, w), np.float32)
-  canvas = None
-  for i, (y, x) in enumerate(windows):
-    count[y:y + ch, x:x + cw] += 1.0
-    padded = jnp.pad(logits[i], ((0, 0), (y, h - y - ch), (x, w - x - cw), (0, 0)))
-    canvas = padded if canvas is None else canvas + padded
-  return canvas / jnp.asarray(count)[None, :, :, None]
-
-
-def single_pass_logits(apply_fn: ApplyFn, variables: Any, image: jax.Array, *, scale: float,
-                       settings: InferenceSettings) -> jax.Array:
-  """Logits of one scale (no flip), resized back to the input size.
-
-  Args:
-    image: [B, H, W, 3] normalised, full resolution.
-  Returns:
-    [B, H, W, C] float32 raw logits (official `ss_test` / `sscrop_test`).
-  """
-  _, height, width, _ = image.shape
-  size = (int(height * scale), int(width * scale))
-  x = image if size == (height, width) else layers.resize_bilinear(image, size)
-  if settings.mode == "whole":
-    logits = _whole_logits(apply_fn, variables, x)
-  else:
-    logits = _slide_logits(apply_fn, variables, x, settings.crop_size,
-                           settings.stride or settings.crop_size)
-  return layers.resize_bilinear(logits.astype(jnp.float32), (height, width))
-
-
-def scale_scores(apply_fn: ApplyFn, variables: Any, image: jax.Array, *, scale: float,
-                 settings: InferenceSettings) -> jax.Array:
-  """Scores of one scale, plus its flipped pass when `settings.flip`.
-
-  Returns:
-    [B, H, W, C] float32: logits (or softmax if `aggregate == 'softmax'`) summed over
-    the plain and the flipped-back flipped pass.
-  """
-  def one(x):
-    out = single_pass_logits(apply_fn, variables, x, scale=scale, settings=settings)
-    return jax.nn.softmax(out, axis=-1) if settings.aggregate == "softmax" else out
-
-  if not settings.flip:
-    return one(image)
-  # The flipped copy rides along the batch axis: one network call, so the compiled graph holds
-  # one copy of the network (inference BN is per example, so results are unchanged).
-  b = image.shape[0]
-  both = one(jnp.concatenate([image, jnp.flip(image, axis=2)], axis=0))
-  return both[:b] + jnp.flip(both[b:], axis=2)
-
-
-def predict_scores(apply_fn: ApplyFn, variables: Any, image: jax.Array, *,
-                   settings: InferenceSettings) -> jax.Array:
-  """Full protocol in one function (all scales + flip summed): [B, H, W, 3] -> [B, H, W, C]."""
-  total = None
-  for scale in settings.scales:
-    s = scale_scores(apply_fn, variables, image, scale=scale, settings=settings)
-    total = s if total is None else total + s
-  return total
-
-
-def logits_apply_fn(model: Any, *, matmul_precision: str | None = None) -> ApplyFn:
-  """`(variables, image) -> logits` of a segmentation model in inference mode.
-
-  Only the segmentation logits are kept; XLA removes the unused projection head.
-  `matmul_precision` (`precision.matmul_precision(config)`; None: JAX's default) is that of
-  every dot and conv of the model.
-  """
-  def apply_fn(variables, image):
-    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-    return model.apply(variables, image, train=False)["logits"]
-  if matmul_precision is None:
-    return apply_fn
-  return precision_lib.with_matmul_precision(apply_fn, matmul_precision)
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,8 +70,8 @@ class Evaluator:
   must yield the same number of batches of the same shape (the eval pipeline pads).
   """
 
-  def __init__(self, apply_fn: ApplyFn, mesh: Mesh, *, num_classes: int,
-               settings: InferenceSettings, class_names: Sequence[str] | None = None):
+  def __init__(self, apply_fn: inference.ApplyFn, mesh: Mesh, *, num_classes: int,
+               settings: inference.InferenceSettings, class_names: Sequence[str] | None = None):
     self.mesh = mesh
     self.num_classes = num_classes
     self.settings = settings
@@ -296,7 +81,8 @@ class Evaluator:
     self._zeros_fns: dict[tuple[int, ...], Callable[[], jax.Array]] = {}
 
     def add_scale(variables, image, acc, *, scale):
-      return acc + scale_scores(apply_fn, variables, image, scale=scale, settings=settings)
+      return acc + inference.scale_scores(apply_fn, variables, image, scale=scale,
+                                          settings=settings)
 
     # One compiled function per scale (static output size); the accumulator is donated so
     # only one full-resolution score map lives per device.
@@ -388,15 +174,15 @@ def make_evaluator(config: Any, model: Any, mesh: Mesh | None = None, *,
   num_classes = int(config.model.num_classes)
   if class_names is None:
     class_names = _dataset_class_names(config, num_classes)
-  apply_fn = logits_apply_fn(model, matmul_precision=precision_lib.matmul_precision(config))
+  apply_fn = inference.logits_apply_fn(
+      model, matmul_precision=precision_lib.matmul_precision(config))
   return Evaluator(apply_fn, mesh, num_classes=num_classes,
-                   settings=settings_from_config(config.eval), class_names=class_names)
+                   settings=inference.settings_from_config(config.eval), class_names=class_names)
 
 
 def _dataset_class_names(config: Any, num_classes: int) -> Sequence[str] | None:
   try:
-    from pixcon_jax import data  # pylint: disable=g-import-not-at-top
-    names = tuple(data.get_dataset_info(config.data.dataset).class_names)
+    names = tuple(data_lib.get_dataset_info(config.data.dataset).class_names)
     return names if len(names) == num_classes else None
   except Exception:  # pylint: disable=broad-except
     return None
@@ -405,72 +191,7 @@ def _dataset_class_names(config: Any, num_classes: int) -> Sequence[str] | None:
 # ------------------------------------------------------------------------------------------
 # Mode `eval`: a checkpoint (or converted official weights) on a split.
 
-def _check_complete(variables: Mapping[str, Any], model: Any, name: str) -> None:
-  """Raises naming every missing or mis-shaped variable of `model` in `variables`."""
-  import flax  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import convert  # pylint: disable=g-import-not-at-top
-  want = flax.traverse_util.flatten_dict(
-      {k: v for k, v in flax.core.unfreeze(convert.variable_shapes(model)).items()
-       if k in ("params", "batch_stats")})
-  have = flax.traverse_util.flatten_dict(
-      {k: dict(v) for k, v in variables.items() if k in ("params", "batch_stats")})
-  missing = ["/".join(p) for p in want if p not in have]
-  bad = [f"{'/'.join(p)} {tuple(np.shape(have[p]))} != {tuple(want[p].shape)}"
-         for p in want if p in have and tuple(np.shape(have[p])) != tuple(want[p].shape)]
-  if missing or bad:
-    raise ValueError(f"{name} does not fit the model: {len(missing)} missing "
-                     f"{missing[:10]}, {len(bad)} shape mismatches {bad[:10]}")
-
-
-def load_variables(config: Any, workdir: str, exp: Any = None) -> tuple[dict[str, Any], str, int]:
-  """Inference variables: the latest checkpoint in `workdir`, else `config.init_from`.
-
-  Args:
-    config: the experiment config.
-    workdir: run directory (checkpoints under `workdir/checkpoints`).
-    exp: a `train.Experiment` (built from config if None).
-  Returns:
-    ({"params", "batch_stats"} replicated on the mesh, description of the source, step).
-  Raises:
-    FileNotFoundError naming both places when neither has weights.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import convert  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
-  exp = exp if exp is not None else train.setup(config)
-  ckpt_dir = paths.resolve(workdir) / "checkpoints"  # A local directory or a gs:// URL.
-  latest = None
-  if ckpt_dir.is_dir():
-    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        read_only=True)) as mngr:
-      latest = mngr.latest_step()
-  rep = NamedSharding(exp.mesh, P())
-  if latest is not None:
-    # Only {params, batch_stats} of the saved TrainState, restored partially and straight onto
-    # the mesh: the optimizer state and the memory bank are never read, so a checkpoint of any
-    # contrast / memory setting (e.g. an ablation's baseline) evaluates with any config.
-    shapes = convert.variable_shapes(exp.eval_model)
-    target = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                              shapes.get(k, {})) for k in ("params", "batch_stats")}
-    path = ckpt_dir / str(latest) / checkpointing.STATE
-    variables = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-    variables = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
-    _check_complete(variables, exp.eval_model, f"checkpoint {path}")
-    return variables, f"checkpoint {ckpt_dir} step {latest}", int(latest)
-  if config.get("init_from"):
-    variables = checkpointing.load_pretrained(config.init_from)
-    variables = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
-    _check_complete(variables, exp.eval_model, f"config.init_from={config.init_from!r}")
-    return jax.device_put(variables, rep), f"init_from {config.init_from}", 0
-  from pixcon_jax import validation  # pylint: disable=g-import-not-at-top
-  raise validation.MissingInputError(
-      f"no checkpoint under {ckpt_dir} and config.init_from is not set: nothing to evaluate")
-
-
-def _settings_dict(settings: InferenceSettings) -> dict[str, Any]:
+def _settings_dict(settings: inference.InferenceSettings) -> dict[str, Any]:
   return {k: (list(v) if isinstance(v, tuple) else v)
           for k, v in dataclasses.asdict(settings).items()}
 
@@ -479,18 +200,16 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, Any]:
   """Mode `eval`: evaluates the latest checkpoint (or `config.init_from`) on a split.
 
   The split is `config.eval.split` if set, else `config.data.eval_split` / the dataset's
-  validation split; the protocol is `config.eval` (see `settings_from_config`). Metrics
+  validation split; the protocol is `config.eval` (see `inference.settings_from_config`). Metrics
   go to CLU writers (TensorBoard + log, under `eval_<split>/`) and, on process 0, to
   `workdir/eval_<split>.json` with the confusion matrix, protocol and weights source.
 
   Returns:
     the metrics dict (`miou`, `pixel_accuracy`, `iou/<class>`, ...).
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
-  exp = train.setup(config)
-  variables, source, step = load_variables(config, workdir, exp)
+  exp = setup.for_inference(config)
+  variables, source, step = checkpointing.load_variables(config, workdir, model=exp.eval_model,
+                                                         mesh=exp.mesh)
   split = (config.eval.get("split") or config.data.get("eval_split") or exp.info.val_split)
   evaluator = make_evaluator(config, exp.eval_model, exp.mesh, class_names=exp.info.class_names)
   logging.info("evaluating %s on split %r with %s", source, split, evaluator.settings)
@@ -529,9 +248,3 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, Any]:
   print(f"eval {split}: mIoU {metrics['miou']:.4f} pixel accuracy "
         f"{metrics['pixel_accuracy']:.4f} ({images} images)", flush=True)
   return metrics
-
-
-def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
-  """Mode `predict`; see `pixcon_jax.predict.predict_folder`."""
-  from pixcon_jax import predict  # pylint: disable=g-import-not-at-top
-  return predict.predict_folder(config, workdir)

@@ -2,7 +2,7 @@
 
 `--config` accepts `file.py:arg` variants (e.g. `configs/cityscapes_hrnet.py:official`) and
 `--config.a.b=value` overrides. `config.mode` selects train (`train.train_and_evaluate`),
-eval (`evaluate.evaluate_checkpoint`) or predict (`evaluate.predict_folder`).
+eval (`evaluate.evaluate_checkpoint`) or predict (`predict.predict_folder`).
 """
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from pixcon_jax import checkpointing
 from pixcon_jax import host_memory
 from pixcon_jax import log_filters
 from pixcon_jax import multihost
-from pixcon_jax import user_paths
+from pixcon_jax import paths
+from pixcon_jax import predict
 from pixcon_jax import validation
 from pixcon_jax import xla_cpu
 
@@ -153,10 +155,9 @@ def main(argv: list[str]) -> None:
                "XLA_FLAGS=%s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
                os.environ.get("GLIBC_TUNABLES", ""), os.environ.get("XLA_FLAGS", ""))
-  from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
-  user_paths.expand_config_paths(config)  # The shell expands no `~` after `=`.
-  workdir = os.path.expanduser(FLAGS.workdir)
+  paths.expand_config_paths(config)  # The shell expands no `~` after `=`.
+  workdir = FLAGS.workdir  # Each mode resolves it (`paths.resolve`: `~`, relative, gs://).
   try:
     # Before any compiling: a bad step count would otherwise surface after the first compile.
     validation.validate_config(config)
@@ -169,7 +170,11 @@ def main(argv: list[str]) -> None:
 
 
 def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Dispatches on `config.mode` (validated): train, eval or predict."""
+  """Dispatches on `config.mode` (validated): train, eval or predict.
+
+  train and evaluate are imported here, not at the top: through CLU's writers they load
+  TensorFlow (~5 s), which a bad flag or the huge-page restart would otherwise pay for first.
+  """
   mode = config.get("mode", "train")
   if mode == "train":
     from pixcon_jax import train  # pylint: disable=g-import-not-at-top
@@ -178,8 +183,7 @@ def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
     from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate_checkpoint(config, workdir)
   else:
-    from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.predict_folder(config, workdir)
+    predict.predict_folder(config, workdir)
 
 
 if __name__ == "__main__":

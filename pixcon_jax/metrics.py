@@ -170,11 +170,6 @@ class ConfusionMatrix(clu_metrics.Metric):
   def from_confusion(cls, cm: Any) -> "ConfusionMatrix":
     return cls(matrix=np.asarray(jax.device_get(cm), np.int64))
 
-  @classmethod
-  def from_model_output(cls, *, prediction: jax.Array, label: jax.Array, num_classes: int,
-                        mask: jax.Array | None = None, **_) -> "ConfusionMatrix":
-    return cls.from_confusion(confusion_matrix(prediction, label, num_classes, mask))
-
   def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
     if self.matrix.shape != other.matrix.shape:
       if not self.matrix.any():

@@ -34,9 +34,11 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from pixcon_jax import evaluate
+from pixcon_jax import checkpointing
+from pixcon_jax import inference
 from pixcon_jax import paths
 from pixcon_jax import precision
+from pixcon_jax import setup
 from pixcon_jax import validation
 from pixcon_jax.data import classes
 from pixcon_jax.data import transforms
@@ -169,11 +171,11 @@ def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, ste
   return os.fspath(label_path), os.fspath(color_path)
 
 
-def make_predictor(apply_fn: evaluate.ApplyFn, settings: evaluate.InferenceSettings):
+def make_predictor(apply_fn: inference.ApplyFn, settings: inference.InferenceSettings):
   """Jitted `(variables, image [1, H, W, 3]) -> label [1, H, W] int32` (recompiles per size)."""
   @jax.jit
   def predict(variables, image):
-    scores = evaluate.predict_scores(apply_fn, variables, image, settings=settings)
+    scores = inference.predict_scores(apply_fn, variables, image, settings=settings)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
   return predict
 
@@ -185,18 +187,18 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
     report {"written": [{"input", "label", "color", "size"}], "skipped": [{"input", "reason"}],
     "weights": source description}.
   """
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
   input_dir, output_dir = _predict_config(config)
   label_format = _label_format(config)
   names = list_inputs(input_dir)
-  exp = train.setup(config)
+  exp = setup.for_inference(config)
   id_lut = (classes.train_id_to_id_lut(exp.info.class_table) if label_format == "label_id"
             else None)
-  variables, source, _ = evaluate.load_variables(config, workdir, exp)
+  variables, source, _ = checkpointing.load_variables(config, workdir, model=exp.eval_model,
+                                                     mesh=exp.mesh)
   # One device per process; the replicated copy already sits there.
   local = jax.tree.map(lambda x: x.addressable_data(0), variables)
-  settings = evaluate.settings_from_config(config.eval)
-  predictor = make_predictor(evaluate.logits_apply_fn(
+  settings = inference.settings_from_config(config.eval)
+  predictor = make_predictor(inference.logits_apply_fn(
       exp.eval_model, matmul_precision=precision.matmul_precision(config)), settings)
   augment = transforms.AugmentConfig.from_config(config.augment)
   palette = np.asarray(exp.info.palette, np.uint8)
@@ -219,9 +221,8 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
                                              id_lut=id_lut)
     report["written"].append({"input": name, "label": label_path, "color": color_path,
                               "size": list(rgb.shape[:2])})
-  if not report["written"] and not report["skipped"]:
-    pass  # this process had no share of the files
-  elif not report["written"]:
+  # A share of only unreadable files fails; an empty share (more processes than files) does not.
+  if report["skipped"] and not report["written"]:
     raise validation.ConfigError(
         f"config.predict.input_dir={input_dir!r} holds no readable image "
         f"(skipped {[s['input'] for s in report['skipped']]})")

@@ -77,22 +77,3 @@ def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
   sharding = data_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
-
-
-def global_to_host_local(x: jax.Array) -> np.ndarray:
-  """Fetches a replicated (fully addressable or replicated) array to the host."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-
-def all_gather_invariant(x: jax.Array, axis_name: str = DATA_AXIS) -> jax.Array:
-  """Concatenates `x [b, ...]` from all devices along axis 0 as a device-*invariant* value.
-
-  Inside `shard_map(check_vma=True)` a plain `lax.all_gather` is typed as varying, so a value
-  derived from it could not be returned replicated (`out_specs=P()`); `to='invarying'` says
-  what the data is (identical on every device). Not for values that need a gradient.
-  """
-  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")

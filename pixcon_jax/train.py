@@ -7,13 +7,12 @@ mIoU), SIGTERM / preemption -> save and exit, exact resume, NaN/Inf stop.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,106 +24,23 @@ from etils import epath
 
 from pixcon_jax import checkpointing
 from pixcon_jax import data as data_lib
+from pixcon_jax import evaluate as evaluate_lib
+from pixcon_jax import inference
 from pixcon_jax import models
 from pixcon_jax import paths
 from pixcon_jax import precision
+from pixcon_jax import setup
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
 from pixcon_jax import validation
-from pixcon_jax.models import conv as conv_lib
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/Inf; the run stops keeping its last good checkpoint."""
 
 
-@dataclasses.dataclass
-class Experiment:
-  """Everything `train_and_evaluate` and the eval/predict modes build from a config."""
-  config: ml_collections.ConfigDict
-  mesh: Any
-  info: Any
-  train_model: Any
-  eval_model: Any
-  tx: Any
-  num_train_images: int
-  batch_per_process: int
-  batch_per_device: int
-  predict_fn: Any = None  # jitted (variables, image [B,H,W,3]) -> full-size logits, one device.
-
-
-def num_train_images(config: ml_collections.ConfigDict, info: Any) -> int:
-  """N of the training split (region memory rows); synthetic sizes come from the config."""
-  if config.data.get("num_train_images"):
-    return int(config.data.num_train_images)
-  if config.data.dataset == "synthetic" and config.data.get("synthetic_num_train"):
-    return int(config.data.synthetic_num_train)
-  return int(info.num_train_images)
-
-
-def build_model(config: ml_collections.ConfigDict, *, train: bool, platform: str | None = None):
-  """The configured model; cross-replica BN over 'data' for training, running stats otherwise.
-
-  `platform` is that of the devices it runs on (`sharding.mesh_platform`), None for the default
-  backend: it picks the conv algorithm of "auto" (`models.build_model`).
-  """
-  overrides = dict(config.model.get("overrides", {}) or {})
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-  overrides.setdefault("proj_dim", config.model.proj_dim)
-  overrides.setdefault("proj_type", config.model.proj_type)
-  return models.build_model(
-      config.model.name, num_classes=config.model.num_classes, dtype=jnp.dtype(config.model.dtype),
-      bn_axis_name=sharding.DATA_AXIS if train else None,
-      conv_impl=conv_lib.check_impl(config.model.get("conv_impl", "auto"),
-                                    where="config.model.conv_impl"),
-      platform=platform, **overrides)
-
-
-def setup(config: ml_collections.ConfigDict) -> Experiment:
-  """Validates the config against the dataset and devices and builds the shared pieces."""
-  info = data_lib.get_dataset_info(config.data.dataset)
-  if config.model.num_classes != info.num_classes:
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
-                     f"{config.data.dataset!r} has {info.num_classes} classes")
-  per_process, per_device = sharding.batch_sizes(config.data.batch_size)
-  if config.data.eval_batch_size % jax.process_count():
-    raise ValueError(f"config.data.eval_batch_size={config.data.eval_batch_size} must be a "
-                     f"multiple of the process count {jax.process_count()}")
-  mesh = sharding.make_mesh()
-  platform = sharding.mesh_platform(mesh)
-  eval_model = build_model(config, train=False, platform=platform)
-  from pixcon_jax.models import layers  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  @functools.partial(precision.with_matmul_precision,
-                     precision=precision.matmul_precision(config))
-  def predict_fn(variables, image):
-    logits = eval_model.apply(variables, image, train=False)["logits"]
-    return layers.resize_bilinear(logits, image.shape[1:3])
-
-  return Experiment(
-      config=config, mesh=mesh, info=info,
-      train_model=build_model(config, train=True, platform=platform),
-      eval_model=eval_model, tx=train_step_lib.make_optimizer(config),
-      num_train_images=num_train_images(config, info), batch_per_process=per_process,
-      batch_per_device=per_device, predict_fn=predict_fn)
-
-
-def initial_state(exp: Experiment) -> train_step_lib.TrainState:
-  """A fresh replicated state (before any resume / init_from)."""
-  c = exp.config
-  return train_step_lib.create_train_state(
-      c, exp.train_model, exp.tx, exp.mesh, image_shape=tuple(c.data.crop_size) + (3,),
-      num_classes=c.model.num_classes, num_train_images=exp.num_train_images,
-      rng=jax.random.PRNGKey(c.seed))
-
-
-def abstract_of(state: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a concrete state, the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def apply_init_from(exp: Experiment, state: train_step_lib.TrainState) -> train_step_lib.TrainState:
+def apply_init_from(exp: setup.TrainingExperiment,
+                    state: train_step_lib.TrainState) -> train_step_lib.TrainState:
   """Loads converted weights (`config.init_from`) into a fresh state: full model or backbone.
 
   Scope 'backbone' or 'full' fails when more than `config.init_from_max_mismatch` of the
@@ -193,7 +109,8 @@ def config_differences(config: ml_collections.ConfigDict, workdir: str) -> str:
 # ------------------------------------------------------------------------------------------
 # Evaluation and summaries.
 
-def make_eval_iterator(exp: Experiment):
+def make_eval_iterator(exp: setup.Experiment):
+  """This process's share of the evaluation split, in batches (`config.data.eval_batch_size`)."""
   c = exp.config
   return data_lib.make_eval_iterator(
       c.data, c.augment, batch_size_per_process=c.data.eval_batch_size // jax.process_count(),
@@ -207,8 +124,24 @@ def _colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
   return lut[np.clip(label, 0, 255).astype(np.int64)]
 
 
-def prediction_images(exp: Experiment, variables: Any, batch: Mapping[str, np.ndarray],
-                      num: int) -> np.ndarray:
+Predictor = Callable[[Any, np.ndarray], jax.Array]
+
+
+def make_summary_predictor(exp: setup.Experiment) -> Predictor:
+  """Jitted `(variables, image [B, H, W, 3]) -> logits [B, H, W, C]`: one pass at full size.
+
+  For the prediction images of the periodic evaluation (not the evaluation protocol): the
+  logits at the head's stride resized to the image, under the configured matmul precision.
+  """
+  apply_fn = inference.logits_apply_fn(exp.eval_model)
+  return jax.jit(precision.with_matmul_precision(
+      functools.partial(inference.predict_scores, apply_fn,
+                        settings=inference.InferenceSettings()),
+      precision.matmul_precision(exp.config)))
+
+
+def prediction_images(exp: setup.Experiment, predictor: Predictor, variables: Any,
+                      batch: Mapping[str, np.ndarray], num: int) -> np.ndarray:
   """[num, H, 3 W, 3] uint8 panels: input | ground truth | prediction (dataset palette).
 
   Runs on this process's first local device only (a local computation on every process),
@@ -217,7 +150,7 @@ def prediction_images(exp: Experiment, variables: Any, batch: Mapping[str, np.nd
   image = np.asarray(batch["image"][:num], np.float32)
   label = np.asarray(batch["label"][:num])
   local = jax.tree.map(lambda x: x.addressable_data(0), variables)
-  pred = np.asarray(jnp.argmax(exp.predict_fn(local, image), axis=-1))
+  pred = np.asarray(jnp.argmax(predictor(local, image), axis=-1))
   lo = image.min(axis=(1, 2, 3), keepdims=True)
   hi = image.max(axis=(1, 2, 3), keepdims=True)
   shown = ((image - lo) / np.maximum(hi - lo, 1e-6) * 255).astype(np.uint8)
@@ -227,8 +160,9 @@ def prediction_images(exp: Experiment, variables: Any, batch: Mapping[str, np.nd
   return np.concatenate([shown, _colorize(label, palette), _colorize(pred, palette)], axis=2)
 
 
-def evaluate(exp: Experiment, evaluator: Any, state: train_step_lib.TrainState,
-             writer: metric_writers.MetricWriter, step: int) -> dict[str, Any]:
+def evaluate(exp: setup.Experiment, evaluator: evaluate_lib.Evaluator, predictor: Predictor,
+             state: train_step_lib.TrainState, writer: metric_writers.MetricWriter,
+             step: int) -> dict[str, Any]:
   """Validation mIoU / per-class IoU to the writers, plus a few prediction images."""
   c = exp.config
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -252,7 +186,8 @@ def evaluate(exp: Experiment, evaluator: Any, state: train_step_lib.TrainState,
     valid = np.asarray(first.get("valid", np.ones(len(first["image"]), bool)))
     first = {k: np.asarray(v)[valid] for k, v in first.items() if k in ("image", "label")}
     if len(first["image"]):
-      writer.write_images(step, {"eval/predictions": prediction_images(exp, variables, first, num)})
+      writer.write_images(step, {"eval/predictions": prediction_images(exp, predictor, variables,
+                                                                       first, num)})
   writer.flush()
   logging.info("step %d: eval mIoU %.4f (%.1fs)", step, float(metrics["miou"]),
                scalars["eval/seconds"])
@@ -285,14 +220,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = paths.resolve(workdir)  # A local directory or a gs:// URL.
   workdir.mkdir(parents=True, exist_ok=True)
-  exp = setup(config)
+  exp = setup.for_training(config)
   c = config
   total_steps = int(c.schedule.total_steps)
   logging.info("devices: %d (%d per process), processes: %d; batch: %d global, %d per process, "
                "%d per device", jax.device_count(), jax.local_device_count(), jax.process_count(),
                c.data.batch_size, exp.batch_per_process, exp.batch_per_device)
 
-  state = initial_state(exp)
   train_iter = data_lib.make_train_iterator(
       c.data, c.augment, batch_size_per_process=exp.batch_per_process, seed=int(c.data.seed),
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -300,13 +234,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     # A resume always wins over init_from: the checkpoint has the trained weights.
     resumed = checkpointing.restore_latest_readable(
-        manager, abstract_of(state), train_iter,
+        manager, setup.abstract_state(exp), train_iter,
         explain_shapes=lambda: config_differences(c, workdir))
     if resumed is not None:
       state, train_iter, latest = resumed
       logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
-    elif c.get("init_from"):
-      state = apply_init_from(exp, state)
+    else:
+      state = setup.initial_state(exp)
+      if c.get("init_from"):
+        state = apply_init_from(exp, state)
     save_run_config(c, workdir)
   except BaseException:
     manager.close()  # Else orbax's background threads fail again at interpreter exit.
@@ -322,9 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            every_steps=c.log.every_steps)]
   if c.log.get("profile") and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=os.fspath(workdir)))
-  from pixcon_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   evaluator = evaluate_lib.make_evaluator(c, exp.eval_model, exp.mesh,
                                           class_names=exp.info.class_names)
+  predictor = make_summary_predictor(exp)
   stop = checkpointing.StopRequest(
       every_steps=c.checkpoint.preemption_check_every_steps).install()
 
@@ -358,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       is_eval = step % c.eval.every_steps == 0 or is_last
       if is_eval:
-        eval_metrics = evaluate(exp, evaluator, state, writer, step)
+        eval_metrics = evaluate(exp, evaluator, predictor, state, writer, step)
       if step % c.checkpoint.every_steps == 0 or is_eval:
         _check_finite(metrics, step, manager)
         checkpointing.save(manager, step, state, train_iter,
@@ -384,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   if not eval_metrics:
     # Resumed at or after the last step: evaluate what the checkpoint holds.
-    eval_metrics = evaluate(exp, evaluator, state, writer, step)
+    eval_metrics = evaluate(exp, evaluator, predictor, state, writer, step)
   manager.close()
   writer.close()
   if jax.process_index() == 0:

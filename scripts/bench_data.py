@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 
 from pixcon_jax.data import pipeline
-from pixcon_jax.data import sources
+from pixcon_jax.data import datasets
 from pixcon_jax.data import synthetic
 from pixcon_jax.data import transforms
 
@@ -71,11 +71,11 @@ def main(argv):
             "batch_size": _BATCH_SIZE.value, "cpu_count": os.cpu_count(), "arrays": [],
             "decode_png": []}
   for w in map(int, _WORKERS.value):
-    result["arrays"].append(_measure(sources.InMemorySource(examples, n), w))
+    result["arrays"].append(_measure(datasets.InMemorySource(examples, n), w))
   if _DECODE_PNG.value:
     for w in map(int, _WORKERS.value):
       result["decode_png"].append(
-          _measure(sources.InMemorySource(examples, n, encode_png=True), w))
+          _measure(datasets.InMemorySource(examples, n, encode_png=True), w))
   print(json.dumps(result))
 
 

@@ -15,6 +15,7 @@ speed-up over it (`*_speedup_vs_official`, > 1 when ours is faster).
   python scripts/bench_train.py --official_repo=../ContrastiveSeg --torch_python=/venv/bin/python
   python scripts/bench_train.py --model=hrnet_w48_ocr_contrast --dtype=bfloat16 --steps=10
 """
+import importlib
 import json
 import os
 import pathlib
@@ -29,7 +30,6 @@ from absl import flags
 import xla_cost  # scripts/xla_cost.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
 
 flags.DEFINE_string("config", "cityscapes_hrnet", "Experiment config module in configs/.")
 flags.DEFINE_string("model", "hrnet_w48_contrast", "Registered model name.")
@@ -90,11 +90,11 @@ def prepare(config, contrast: bool):
   """Compiles one variant's step; returns (compiled, state, batch, report without times)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.contrast.enabled = contrast
-  exp = train.setup(config)
+  exp = setup.for_training(config)
   h, w = config.data.crop_size
   state = ts.create_train_state(
       config, exp.train_model, exp.tx, exp.mesh, image_shape=(h, w, 3),
@@ -157,7 +157,7 @@ def main(argv):
     from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   import jax  # pylint: disable=g-import-not-at-top
-  config = __import__(FLAGS.config).get_config(FLAGS.arg)
+  config = importlib.import_module(f"configs.{FLAGS.config}").get_config(FLAGS.arg)
   config.model.name = FLAGS.model
   config.model.dtype = FLAGS.dtype
   config.model.conv_impl = FLAGS.conv_impl

@@ -8,7 +8,7 @@ import json
 from absl import app
 from absl import flags
 
-from pixcon_jax.data import defaults
+from pixcon_jax.data import config_defaults
 from pixcon_jax.data import stats
 
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset name.", required=True)
@@ -20,7 +20,7 @@ _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Only the first N exa
 
 def main(argv):
   del argv
-  cfg = defaults.default_data_config(_DATASET.value)
+  cfg = config_defaults.default_data_config(_DATASET.value)
   cfg.data_dir = _DATA_DIR.value
   if _DATASET.value != "synthetic" and not _DATA_DIR.value:
     raise app.UsageError(f"--data_dir is required for {_DATASET.value}")

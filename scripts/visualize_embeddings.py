@@ -181,11 +181,12 @@ def sample_embeddings(config: Any, workdir: str, *, num_batches: int, per_class:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from pixcon_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup  # pylint: disable=g-import-not-at-top
   from pixcon_jax.contrast import labels as labels_lib  # pylint: disable=g-import-not-at-top
-  exp = train.setup(config)
-  variables, source, step = evaluate.load_variables(config, workdir, exp)
+  exp = setup.for_inference(config)
+  variables, source, step = checkpointing.load_variables(config, workdir, model=exp.eval_model,
+                                                         mesh=exp.mesh)
   local = jax.tree.map(lambda x: x.addressable_data(0), variables)
 
   @jax.jit

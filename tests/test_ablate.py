@@ -86,7 +86,7 @@ def test_every_variant_builds_its_objective_and_traces_its_train_step(variant):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import objective, sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import objective, setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   overrides = _variants_by_id()[variant]
   config = ablate.apply_overrides(_tiny_demo_config(), overrides)
@@ -98,7 +98,7 @@ def test_every_variant_builds_its_objective_and_traces_its_train_step(variant):
       if group == "contrast" and hasattr(settings, leaf):
         assert getattr(settings, leaf) == value, (variant, key)
   objective.make_objective(config, num_classes=c)
-  exp = train.setup(config)
+  exp = setup.for_training(config)
   mesh = sharding.make_mesh(jax.devices()[:1])
   b, (h, w) = config.data.batch_size, config.data.crop_size
   state = ts.abstract_train_state(config, exp.train_model, exp.tx, mesh, image_shape=(h, w, 3),
@@ -234,10 +234,12 @@ def test_ablate_command_line_with_two_seeds_trains_each_seed_and_reports_mean_st
   assert row["miou_std"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
   assert "| table1 | Baseline (w/o contrast) |" in proc.stdout and "(n=2) | 0,1 |" in proc.stdout
   # Two different runs: each seed has its own checkpoint, and their weights differ.
-  from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import checkpointing, setup  # pylint: disable=g-import-not-at-top
   config = _tiny_demo_config()
   config.contrast.enabled = False
-  params = [evaluate.load_variables(config, d)[0]["params"] for d in row["per_seed_workdir"]]
+  exp = setup.for_inference(config)
+  params = [checkpointing.load_variables(config, d, model=exp.eval_model, mesh=exp.mesh)[0][
+      "params"] for d in row["per_seed_workdir"]]
   import jax  # pylint: disable=g-import-not-at-top
   diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
            for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]))]

@@ -70,9 +70,9 @@ def _built(config):
   on a busy 2-core machine.
   """
   from pixcon_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
-  exp = train.setup(config)
-  shapes = jax.eval_shape(lambda: train.initial_state(exp))
+  from pixcon_jax import setup  # pylint: disable=g-import-not-at-top
+  exp = setup.for_training(config)
+  shapes = setup.abstract_state(exp)
   rep = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
   state = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), rep), shapes)
   it = data_lib.make_train_iterator(config.data, config.augment, batch_size_per_process=2,
@@ -206,14 +206,14 @@ def _truncate_largest_file(step_dir: pathlib.Path) -> pathlib.Path:
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(workdir, tmp_path, caplog):
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup  # pylint: disable=g-import-not-at-top
   run = _copy(workdir, tmp_path)
   _truncate_largest_file(run / "checkpoints" / "2" / "state")
   config = demo_config()
-  _, state, it = _built(config)
+  exp, state, it = _built(config)
   manager = checkpointing.make_manager(str(run), config)
   with caplog.at_level(logging.WARNING):
-    restored, _, step = checkpointing.restore_latest_readable(manager, train.abstract_of(state), it)
+    restored, _, step = checkpointing.restore_latest_readable(manager, setup.abstract_state(exp), it)
   assert step == 1 and int(restored.step) == int(state.step) + 1
   assert "checkpoint of step 2 is unreadable" in caplog.text
   assert (run / "checkpoints" / "2.unreadable").is_dir()  # Kept for a look, out of the way.
@@ -225,28 +225,28 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(workdir, tmp_p
 
 
 def test_no_readable_checkpoint_names_the_folder(workdir, tmp_path):
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup  # pylint: disable=g-import-not-at-top
   run = _copy(workdir, tmp_path)
   for step in ("1", "2"):
     _truncate_largest_file(run / "checkpoints" / step / "state")
   config = demo_config()
-  _, state, it = _built(config)
+  exp, state, it = _built(config)
   manager = checkpointing.make_manager(str(run), config)
   with pytest.raises(validation.ConfigError, match=r"no readable checkpoint under .*checkpoints "
                      r"\(steps \[2, 1\] set aside"):
-    checkpointing.restore_latest_readable(manager, train.abstract_of(state), it)
+    checkpointing.restore_latest_readable(manager, setup.abstract_state(exp), it)
   manager.close()
 
 
 def test_resume_with_other_widths_names_keys_and_shapes(workdir, tmp_path):
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, train  # pylint: disable=g-import-not-at-top
   run = _copy(workdir, tmp_path)
   config = demo_config(widths=(4, 8, 16, 24))
-  _, state, it = _built(config)
+  exp, state, it = _built(config)
   manager = checkpointing.make_manager(str(run), config)
   with pytest.raises(validation.ConfigError) as e:
     checkpointing.restore_latest_readable(
-        manager, train.abstract_of(state), it,
+        manager, setup.abstract_state(exp), it,
         explain_shapes=lambda: train.config_differences(config, str(run)))
   manager.close()
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]  # Untouched.
@@ -506,8 +506,8 @@ def test_orbax_and_grain_info_lines_are_filtered_but_warnings_kept():
 def test_unprepared_dataset_is_an_input_error_naming_the_folder_and_the_fix(tmp_path):
   """main ends an InputError in one `error:` line (exit 2); a missing TFDS folder is one."""
   from pixcon_jax import validation  # pylint: disable=g-import-not-at-top
-  from pixcon_jax.data import sources  # pylint: disable=g-import-not-at-top
-  source = sources.make_source({"dataset": "cityscapes", "data_dir": str(tmp_path / "none")},
+  from pixcon_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  source = datasets.make_source({"dataset": "cityscapes", "data_dir": str(tmp_path / "none")},
                                "train")
   with pytest.raises(validation.MissingInputError) as e:
     len(source)

@@ -1,12 +1,8 @@
 """Every experiment config loads in all its variants, and its runlocal variant traces a train step."""
 import importlib
-import pathlib
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
 
 EXPERIMENTS = ("cityscapes_hrnet", "cityscapes_hrnet_ocr", "cityscapes_resnet101_deeplabv3",
                "cityscapes_resnet101_ocr", "pascal_context_hrnet_ocr", "coco_stuff_hrnet_ocr",
@@ -14,7 +10,7 @@ EXPERIMENTS = ("cityscapes_hrnet", "cityscapes_hrnet_ocr", "cityscapes_resnet101
 
 
 def _config(name, arg=None):
-  return importlib.import_module(name).get_config(arg)
+  return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -82,11 +78,11 @@ def test_runlocal_train_step_traces(name, arg):
   """Builds model, state and the sharded step of each runlocal variant and lowers it (no compile)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   c = _config(name, arg)
   c.data.batch_size = jax.device_count()
-  exp = train.setup(c)
+  exp = setup.for_training(c)
   state = ts.abstract_train_state(
       c, exp.train_model, exp.tx, exp.mesh, image_shape=tuple(c.data.crop_size) + (3,),
       num_classes=c.model.num_classes, num_train_images=8)
@@ -105,14 +101,14 @@ def test_runlocal_train_step_traces(name, arg):
 
 
 def test_conv_impl_is_a_config_key_and_a_bad_value_names_it():
-  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup  # pylint: disable=g-import-not-at-top
   c = _config("demo", "runlocal")
   assert c.model.conv_impl == "auto"
   c.model.conv_impl = "xla"
-  assert train.build_model(c, train=True).conv_impl == "xla"
+  assert setup.build_model(c, train=True).conv_impl == "xla"
   c.model.conv_impl = "fft"
   with pytest.raises(ValueError, match=r"config\.model\.conv_impl='fft'"):
-    train.build_model(c, train=False)
+    setup.build_model(c, train=False)
 
 
 # A value that parses as each overridable field type (`--config.a.b=VALUE`).

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+from pixcon_jax import checkpointing
 from pixcon_jax import convert
 from pixcon_jax.models import build_backbone
 from pixcon_jax.models import build_model
@@ -24,14 +26,14 @@ TINY = dict(widths=(2, 4, 6, 8), stage_modules=(1, 1, 1), num_blocks=1, stem_wid
 def tiny():
   """(model, concrete variables with random values, their torch-style state_dict)."""
   model = build_model("hrnet_w48_ocr_contrast", num_classes=3, **TINY)
-  shapes = convert.variable_shapes(model)
+  shapes = checkpointing.variable_shapes(model)
   rng = np.random.default_rng(0)
   flat = {path: rng.standard_normal(s.shape).astype(np.float32)
           for path, s in flax.traverse_util.flatten_dict(shapes).items()}
   # Running variances must be positive for the forward to be finite.
   flat = {path: np.abs(v) + 0.5 if path[-1] == "var" else v for path, v in flat.items()}
   variables = flax.traverse_util.unflatten_dict(flat)
-  return model, shapes, variables, convert.flax_to_state_dict(variables)
+  return model, shapes, variables, helpers.flax_to_state_dict(variables)
 
 
 def _assert_trees_equal(a, b):
@@ -111,7 +113,7 @@ def test_bare_backbone_converts_without_prefix(tiny):
   backbone = build_backbone("hrnet48", **{k: v for k, v in TINY.items()
                                           if k not in ("proj_dim", "ocr_channels",
                                                        "ocr_key_channels")})
-  shapes = convert.variable_shapes(backbone)
+  shapes = checkpointing.variable_shapes(backbone)
   backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
   out, _ = convert.convert_state_dict(backbone_sd, shapes)
   _assert_trees_equal(out["params"], variables["params"]["backbone"])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pixcon_jax import evaluate
+from pixcon_jax import inference
 from pixcon_jax import metrics
 from pixcon_jax import sharding
 
@@ -44,39 +45,39 @@ def _images(b=2, h=16, w=24, seed=0):
 
 
 def test_window_starts_cover_and_end_flush():
-  assert evaluate.window_starts(10, 16, 8) == [0]
-  assert evaluate.window_starts(20, 8, 8) == [0, 8, 12]
-  assert evaluate.window_starts(24, 8, 8) == [0, 8, 16]
-  assert evaluate.window_starts(17, 8, 4) == [0, 4, 8, 9]
+  assert inference.window_starts(10, 16, 8) == [0]
+  assert inference.window_starts(20, 8, 8) == [0, 8, 12]
+  assert inference.window_starts(24, 8, 8) == [0, 8, 16]
+  assert inference.window_starts(17, 8, 4) == [0, 4, 8, 9]
 
 
 @pytest.mark.parametrize("crop", [(16, 24), (32, 40)])
 def test_slide_on_image_that_fits_one_window_equals_whole(crop):
   model = ToyNet(stride=2)
   variables = _init(model)
-  apply_fn = evaluate.logits_apply_fn(model)
+  apply_fn = inference.logits_apply_fn(model)
   image = _images()
-  whole = evaluate.InferenceSettings(mode="whole", scales=(1.0, 1.5), flip=True)
-  slide = evaluate.InferenceSettings(mode="slide", scales=(1.0,), flip=True, crop_size=crop,
+  whole = inference.InferenceSettings(mode="whole", scales=(1.0, 1.5), flip=True)
+  slide = inference.InferenceSettings(mode="slide", scales=(1.0,), flip=True, crop_size=crop,
                                      stride=(4, 4))
-  a = evaluate.predict_scores(apply_fn, variables, image,
-                              settings=evaluate.InferenceSettings(mode="whole", flip=True))
-  b = evaluate.predict_scores(apply_fn, variables, image, settings=slide)
+  a = inference.predict_scores(apply_fn, variables, image,
+                              settings=inference.InferenceSettings(mode="whole", flip=True))
+  b = inference.predict_scores(apply_fn, variables, image, settings=slide)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert evaluate.predict_scores(apply_fn, variables, image, settings=whole).shape == (2, 16, 24, C)
+  assert inference.predict_scores(apply_fn, variables, image, settings=whole).shape == (2, 16, 24, C)
 
 
 def test_overlapping_slide_of_pointwise_model_equals_whole():
   # A 1x1 network sees no context, so averaged overlapping windows must equal one pass.
   model = ToyNet(stride=1, kernel=1)
   variables = _init(model)
-  apply_fn = evaluate.logits_apply_fn(model)
+  apply_fn = inference.logits_apply_fn(model)
   image = _images(h=20, w=30)
-  whole = evaluate.predict_scores(apply_fn, variables, image,
-                                  settings=evaluate.InferenceSettings())
-  slide = evaluate.predict_scores(
+  whole = inference.predict_scores(apply_fn, variables, image,
+                                  settings=inference.InferenceSettings())
+  slide = inference.predict_scores(
       apply_fn, variables, image,
-      settings=evaluate.InferenceSettings(mode="slide", crop_size=(8, 12), stride=(5, 7)))
+      settings=inference.InferenceSettings(mode="slide", crop_size=(8, 12), stride=(5, 7)))
   np.testing.assert_allclose(np.asarray(slide), np.asarray(whole), rtol=1e-5, atol=1e-5)
 
 
@@ -85,13 +86,13 @@ def test_flip_of_flip_equivariant_model_equals_plain():
   # align_corners resize is symmetric, so flip inference = 2 x plain (same argmax).
   model = ToyNet(stride=2, kernel=1)
   variables = _init(model)
-  apply_fn = evaluate.logits_apply_fn(model)
+  apply_fn = inference.logits_apply_fn(model)
   image = _images(h=16, w=24)
   for scales in [(1.0,), (0.75, 1.25)]:
-    plain = evaluate.predict_scores(apply_fn, variables, image,
-                                    settings=evaluate.InferenceSettings(scales=scales))
-    flip = evaluate.predict_scores(apply_fn, variables, image,
-                                   settings=evaluate.InferenceSettings(scales=scales, flip=True))
+    plain = inference.predict_scores(apply_fn, variables, image,
+                                    settings=inference.InferenceSettings(scales=scales))
+    flip = inference.predict_scores(apply_fn, variables, image,
+                                   settings=inference.InferenceSettings(scales=scales, flip=True))
     np.testing.assert_allclose(np.asarray(flip), 2 * np.asarray(plain), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.argmax(flip, -1), np.argmax(plain, -1))
 
@@ -99,9 +100,9 @@ def test_flip_of_flip_equivariant_model_equals_plain():
 def test_softmax_aggregation_sums_probabilities():
   model = ToyNet()
   variables = _init(model)
-  apply_fn = evaluate.logits_apply_fn(model)
-  s = evaluate.predict_scores(apply_fn, variables, _images(),
-                              settings=evaluate.InferenceSettings(scales=(1.0, 0.5), flip=True,
+  apply_fn = inference.logits_apply_fn(model)
+  s = inference.predict_scores(apply_fn, variables, _images(),
+                              settings=inference.InferenceSettings(scales=(1.0, 0.5), flip=True,
                                                                   aggregate="softmax"))
   np.testing.assert_allclose(np.asarray(s).sum(-1), 4.0, rtol=1e-5)
 
@@ -140,12 +141,12 @@ def test_multiscale_flip_logits_equal_an_independent_numpy_reference():
     expected += _np_resize_align_corners(np.asarray(apply(x)), (h, w))
     mirrored = np.asarray(apply(np.ascontiguousarray(x[:, :, ::-1])))[:, :, ::-1]
     expected += _np_resize_align_corners(mirrored, (h, w))
-  got = evaluate.predict_scores(evaluate.logits_apply_fn(model), variables, image,
-                                settings=evaluate.InferenceSettings(scales=scales, flip=True))
+  got = inference.predict_scores(inference.logits_apply_fn(model), variables, image,
+                                settings=inference.InferenceSettings(scales=scales, flip=True))
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
   # The scales matter on this model: ignoring them (two passes at scale 1) is far off.
-  unscaled = evaluate.predict_scores(evaluate.logits_apply_fn(model), variables, image,
-                                     settings=evaluate.InferenceSettings(scales=(1.0, 1.0),
+  unscaled = inference.predict_scores(inference.logits_apply_fn(model), variables, image,
+                                     settings=inference.InferenceSettings(scales=(1.0, 1.0),
                                                                          flip=True))
   assert np.abs(np.asarray(unscaled) - expected).max() > 100 * 1e-4
 
@@ -154,17 +155,17 @@ def test_settings_from_config_protocols():
   import ml_collections
   cfg = ml_collections.ConfigDict(dict(mode="whole", scales=(1.0,), flip=False,
                                        crop_size=(512, 1024), stride=(256, 512), protocol="paper"))
-  s = evaluate.settings_from_config(cfg)
+  s = inference.settings_from_config(cfg)
   assert s.scales == (0.75, 1.0, 1.25, 1.5, 1.75, 2.0) and s.flip
   cfg.protocol = "official"
-  assert evaluate.settings_from_config(cfg).scales[0] == 0.5
+  assert inference.settings_from_config(cfg).scales[0] == 0.5
   cfg.protocol = None
   cfg.mode = "slide"
-  s = evaluate.settings_from_config(cfg)
+  s = inference.settings_from_config(cfg)
   assert s.scales == (1.0,) and not s.flip and s.crop_size == (512, 1024) and s.stride == (256, 512)
   cfg.mode = "tiles"
   with pytest.raises(ValueError, match="config.eval.mode"):
-    evaluate.settings_from_config(cfg)
+    inference.settings_from_config(cfg)
 
 
 def _dataset(n=6, h=16, w=24, seed=0):
@@ -189,19 +190,19 @@ def _batches(image, label, batch_size):
 
 
 def _reference_cm(apply_fn, variables, image, label, settings):
-  scores = evaluate.predict_scores(apply_fn, variables, jnp.asarray(image), settings=settings)
+  scores = inference.predict_scores(apply_fn, variables, jnp.asarray(image), settings=settings)
   return metrics.confusion_matrix_numpy(np.argmax(np.asarray(scores), -1), label, C)
 
 
-SETTINGS = evaluate.InferenceSettings(scales=(0.75, 1.0), flip=True)
+SETTINGS = inference.InferenceSettings(scales=(0.75, 1.0), flip=True)
 
 
 def test_evaluator_equals_reference_for_any_batch_size():
   model = ToyNet()
   variables = _init(model)
   image, label = _dataset()
-  ref = _reference_cm(evaluate.logits_apply_fn(model), variables, image, label, SETTINGS)
-  ev = evaluate.Evaluator(evaluate.logits_apply_fn(model), sharding.make_mesh(), num_classes=C,
+  ref = _reference_cm(inference.logits_apply_fn(model), variables, image, label, SETTINGS)
+  ev = evaluate.Evaluator(inference.logits_apply_fn(model), sharding.make_mesh(), num_classes=C,
                           settings=SETTINGS, class_names=[f"c{i}" for i in range(C)])
   for bs in (1, 4, 6):
     cm, n = ev.confusion_matrix(variables, _batches(image, label, bs))
@@ -218,12 +219,12 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     import test_evaluate as t
-    from pixcon_jax import evaluate, sharding
+    from pixcon_jax import evaluate, inference, sharding
     assert jax.device_count() == 8, jax.devices()
     model = t.ToyNet()
     variables = t._init(model)
     image, label = t._dataset()
-    ev = evaluate.Evaluator(evaluate.logits_apply_fn(model), sharding.make_mesh(),
+    ev = evaluate.Evaluator(inference.logits_apply_fn(model), sharding.make_mesh(),
                             num_classes=t.C, settings=t.SETTINGS)
     out = {{}}
     for bs in (3, 8, 16):  # 3: host-side padding to 8 devices; 16: mostly padding
@@ -237,7 +238,7 @@ def test_evaluator_on_eight_devices_matches_single_device():
   model = ToyNet()
   variables = _init(model)
   image, label = _dataset()
-  ref = _reference_cm(evaluate.logits_apply_fn(model), variables, image, label, SETTINGS)
+  ref = _reference_cm(inference.logits_apply_fn(model), variables, image, label, SETTINGS)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES.format(tests=str(REPO / "tests"))],
@@ -283,21 +284,21 @@ def _fake_cityscapes_split(first_image, first_label, n=3, h=64, w=128):
 
 
 def test_tiny_converted_hrnet_multiscale_flip_evaluation(golden_dir):
-  from pixcon_jax import convert, models
+  from pixcon_jax import checkpointing, convert, models
   from golden_parity import models as parity_models
   model = models.build_model("hrnet_w48_contrast", num_classes=19, **TINY_HRNET)
-  spec = _torch_spec_of(convert.variable_shapes(model))
+  spec = _torch_spec_of(checkpointing.variable_shapes(model))
   state_dict = parity_models.golden_weights_module(golden_dir).torch_style_weights(spec, 0.5)
   variables, report = convert.convert_for_model("hrnet_w48_contrast", state_dict, num_classes=19,
                                                 **TINY_HRNET)
   assert len(report.mapped) == len(spec)
-  apply_fn = evaluate.logits_apply_fn(model)
+  apply_fn = inference.logits_apply_fn(model)
   batch = _fake_cityscapes_split(np.zeros((64, 128, 3), np.float32), np.zeros((64, 128), np.int32))
-  settings = evaluate.InferenceSettings(scales=(0.75, 1.0), flip=True)
+  settings = inference.InferenceSettings(scales=(0.75, 1.0), flip=True)
   ev = evaluate.Evaluator(apply_fn, sharding.make_mesh(), num_classes=19, settings=settings)
   cm, n = ev.confusion_matrix(variables, [batch])
   # Jitted, unsharded reference (an eager HRNet dispatches thousands of ops one by one).
-  predict = jax.jit(lambda v, x: evaluate.predict_scores(apply_fn, v, x, settings=settings))
+  predict = jax.jit(lambda v, x: inference.predict_scores(apply_fn, v, x, settings=settings))
   scores = predict(variables, jnp.asarray(batch["image"][:3]))
   ref = metrics.confusion_matrix_numpy(np.argmax(np.asarray(scores), -1), batch["label"][:3], 19)
   np.testing.assert_array_equal(cm, ref)
@@ -318,7 +319,7 @@ def test_converted_official_w48_multiscale_flip_evaluation(golden_dir):
       meta["state_dict_spec"], meta["weights"]["conv_gain"])
   variables, _ = convert.convert_for_model("hrnet_w48_contrast", state_dict, num_classes=19)
   model = models.build_model("hrnet_w48_contrast", num_classes=19)
-  apply_fn = evaluate.logits_apply_fn(model)
+  apply_fn = inference.logits_apply_fn(model)
   image0 = ref["input"].transpose(0, 2, 3, 1)[0]
   official = layers.resize_bilinear(jnp.asarray(ref["seg"].transpose(0, 2, 3, 1)), (64, 128))
   label0 = np.argmax(np.asarray(official), -1)[0].astype(np.int32)
@@ -326,13 +327,13 @@ def test_converted_official_w48_multiscale_flip_evaluation(golden_dir):
   mesh = sharding.make_mesh()
 
   single = evaluate.Evaluator(apply_fn, mesh, num_classes=19,
-                              settings=evaluate.InferenceSettings())
+                              settings=inference.InferenceSettings())
   out = single(variables, [{k: v[:1] for k, v in batch.items()}])
   # Same network, same weights, same upsampling: only near-ties may differ.
   assert out["pixel_accuracy"] > 0.999, out
 
   multi = evaluate.Evaluator(apply_fn, mesh, num_classes=19,
-                             settings=evaluate.InferenceSettings(scales=(0.75, 1.0), flip=True))
+                             settings=inference.InferenceSettings(scales=(0.75, 1.0), flip=True))
   cm, n = multi.confusion_matrix(variables, [batch])
   assert n == 3 and cm.sum() == 3 * 60 * 128
   m = metrics.metrics_from_confusion_matrix(cm)
@@ -418,11 +419,11 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
                                process_id=pid)
     sys.path.insert(0, {tests!r})
     import test_evaluate as t
-    from pixcon_jax import evaluate, sharding
+    from pixcon_jax import evaluate, inference, sharding
     model = t.ToyNet()
     variables = t._init(model)
     image, label = t._dataset()
-    ev = evaluate.Evaluator(evaluate.logits_apply_fn(model), sharding.make_mesh(),
+    ev = evaluate.Evaluator(inference.logits_apply_fn(model), sharding.make_mesh(),
                             num_classes=t.C, settings=t.SETTINGS)
     # Global batches of 4, padded; each process feeds its contiguous half (pad-and-mask:
     # both processes run the same number of batches).
@@ -438,7 +439,7 @@ def test_evaluator_on_two_processes_sums_across_hosts(tmp_path):
   model = ToyNet()
   variables = _init(model)
   image, label = _dataset()
-  ref = _reference_cm(evaluate.logits_apply_fn(model), variables, image, label, SETTINGS)
+  ref = _reference_cm(inference.logits_apply_fn(model), variables, image, label, SETTINGS)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = str(s.getsockname()[1])
@@ -460,17 +461,17 @@ def test_evaluator_on_two_processes_sums_across_hosts(tmp_path):
 
 def test_stride_larger_than_crop_is_rejected():
   with pytest.raises(ValueError, match="stride"):
-    evaluate.InferenceSettings(mode="slide", crop_size=(8, 8), stride=(8, 9))
+    inference.InferenceSettings(mode="slide", crop_size=(8, 8), stride=(8, 9))
 
 
 def test_sharded_sliding_window_evaluation_equals_reference():
   model = ToyNet()
   variables = _init(model)
   image, label = _dataset(n=3)
-  settings = evaluate.InferenceSettings(mode="slide", scales=(1.0, 1.5), flip=True,
+  settings = inference.InferenceSettings(mode="slide", scales=(1.0, 1.5), flip=True,
                                         crop_size=(12, 16), stride=(8, 10))
-  ref = _reference_cm(evaluate.logits_apply_fn(model), variables, image, label, settings)
-  ev = evaluate.Evaluator(evaluate.logits_apply_fn(model), sharding.make_mesh(), num_classes=C,
+  ref = _reference_cm(inference.logits_apply_fn(model), variables, image, label, settings)
+  ev = evaluate.Evaluator(inference.logits_apply_fn(model), sharding.make_mesh(), num_classes=C,
                           settings=settings)
   cm, n = ev.confusion_matrix(variables, _batches(image, label, 2))
   np.testing.assert_array_equal(cm, ref)

@@ -25,7 +25,7 @@ from test_train_step import tiny_config  # noqa: E402  pylint: disable=g-import-
 from pixcon_jax import evaluate  # noqa: E402
 from pixcon_jax import precision  # noqa: E402
 from pixcon_jax import sharding  # noqa: E402
-from pixcon_jax import train  # noqa: E402
+from pixcon_jax import setup  # noqa: E402
 from pixcon_jax import train_step as ts  # noqa: E402
 from pixcon_jax.models import conv  # noqa: E402
 
@@ -49,7 +49,7 @@ def _spec(mesh, shape, dtype):
 def lower_train_step(config, platform: str, device_platform: str) -> tuple[str, int]:
   """(StableHLO text of the train step lowered for `platform`, number of conv kernels)."""
   mesh = sharding.make_mesh(jax.devices()[:1])
-  model = train.build_model(config, train=True, platform=device_platform)
+  model = setup.build_model(config, train=True, platform=device_platform)
   tx = ts.make_optimizer(config)
   h, w = config.data.crop_size
   b = config.data.batch_size
@@ -68,7 +68,7 @@ def lower_train_step(config, platform: str, device_platform: str) -> tuple[str, 
 def lower_eval_step(config, platform: str, device_platform: str) -> str:
   """StableHLO text of the eval steps (scores at scale 1, then the confusion matrix)."""
   mesh = sharding.make_mesh(jax.devices()[:1])
-  model = train.build_model(config, train=False, platform=device_platform)
+  model = setup.build_model(config, train=False, platform=device_platform)
   h, w = config.data.crop_size
   b = config.data.batch_size
   c = config.model.num_classes

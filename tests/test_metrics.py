@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from pixcon_jax import metrics
 
 
@@ -76,7 +77,7 @@ def test_dataset_level_not_mean_of_batches():
   """The Evaluator's mIoU is that of the whole split (one summed confusion matrix), which here
   differs from the mean of the per-batch mIoUs: batch 0 is all-correct class 0 (mIoU 1), batch 1
   half-wrong classes 1 and 2 (mIoU 0.25); the split's mIoU is (1 + 0.5 + 0) / 3 = 0.5, not 0.625."""
-  from pixcon_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import evaluate, inference, sharding  # pylint: disable=g-import-not-at-top
   c, h, w = 3, 4, 8
   pred = np.zeros((2, h, w), np.int64)
   label = np.zeros((2, h, w), np.int64)
@@ -92,7 +93,7 @@ def test_dataset_level_not_mean_of_batches():
   # A "model" whose logits are its input: the image is the one-hot prediction.
   image = np.eye(c, dtype=np.float32)[pred]
   ev = evaluate.Evaluator(lambda variables, x: x, sharding.make_mesh(), num_classes=c,
-                          settings=evaluate.InferenceSettings())
+                          settings=inference.InferenceSettings())
   batches = [{"image": image[i:i + 1], "label": label[i:i + 1].astype(np.int32)} for i in range(2)]
   got = ev({"params": {}}, batches)
   assert got["num_images"] == 2
@@ -104,7 +105,7 @@ def test_clu_confusion_matrix_metric_merges():
   pred, label, valid = _random_case(seed=3)
   m = metrics.ConfusionMatrix.empty(5)
   for i in range(3):
-    m = m.merge(metrics.ConfusionMatrix.from_model_output(
+    m = m.merge(helpers.confusion_metric(
         prediction=jnp.asarray(pred[i:i + 1]), label=jnp.asarray(label[i:i + 1]), num_classes=5))
   np.testing.assert_array_equal(m.compute(), metrics.confusion_matrix_numpy(pred, label, 5))
 

@@ -5,13 +5,10 @@ loss = CE + aux_weight x aux CE + lambda x contrast, with lambda = 0 before
 the contrast term is `pixel_contrast_loss` called directly on the same embedding, aligned labels
 and predictions, memory bank and key the objective receives.
 """
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 C, B, H, W, D = 5, 2, 16, 16, 8
 CLASS_WEIGHTS = (0.8, 1.0, 1.3, 0.9, 1.1)
 WARMUP, WEIGHT = 3, 0.7
@@ -19,8 +16,7 @@ WARMUP, WEIGHT = 3, 0.7
 
 def _config():
   """configs/demo.py (paper recipe: batch + pixel + region memory) at this test's size."""
-  sys.path.insert(0, str(REPO / "configs"))
-  import demo  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config()
   config.model.num_classes = C
   config.model.proj_dim = D

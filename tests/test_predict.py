@@ -21,9 +21,9 @@ TINY = dict(widths=(8, 16, 32, 64), stage_modules=(1, 1, 1), num_blocks=1, stem_
 def random_variables(model, seed: int = 0) -> dict:
   """He-normal kernels, unit BN: no `model.init` run, so no compile (seconds saved per test)."""
   import flax
-  from pixcon_jax import convert
+  from pixcon_jax import checkpointing
   rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(convert.variable_shapes(model)))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(checkpointing.variable_shapes(model)))
   out = {}
   for path, leaf in flat.items():
     if path[-1] == "kernel":
@@ -49,8 +49,8 @@ def demo_config(tmp_path: pathlib.Path, **eval_overrides) -> ml_collections.Conf
   config.data.worker_count = 0
   for k, v in eval_overrides.items():
     config.eval[k] = v
-  from pixcon_jax import train
-  model = train.build_model(config, train=False)
+  from pixcon_jax import setup
+  model = setup.build_model(config, train=False)
   variables = random_variables(model)
   path = tmp_path / "converted"
   ocp.PyTreeCheckpointer().save(str(path), jax.tree.map(np.asarray, dict(variables)))
@@ -197,7 +197,7 @@ def test_cityscapesscripts_evaluator_agrees_with_our_eval(tmp_path):
   absent from both GT and prediction is NaN on both sides and left out of both means.
   """
   import zipfile
-  from pixcon_jax import data, evaluate, train
+  from pixcon_jax import data, evaluate, setup
   from pixcon_jax.data import cityscapes, classes
   from pixcon_jax.data.prepare import prepare_dataset
   fake = _load_module(REPO / "tests" / "test_data_cityscapes.py", "fake_cityscapes_zips")
@@ -236,7 +236,7 @@ def test_cityscapesscripts_evaluator_agrees_with_our_eval(tmp_path):
   config.data.eval_pad_size = (h, w)
   config.data.eval_batch_size = 2
   config.eval.max_batches = None
-  variables = random_variables(train.build_model(config, train=False), seed=1)
+  variables = random_variables(setup.build_model(config, train=False), seed=1)
   ocp.PyTreeCheckpointer().save(str(tmp_path / "weights"), jax.tree.map(np.asarray, variables))
   config.init_from = str(tmp_path / "weights")
   config.init_from_scope = "full"

@@ -261,27 +261,25 @@ def test_tiny_model_learns_the_synthetic_scenes():
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(REPO / "configs"))
-  import common  # pylint: disable=g-import-not-at-top
-  import demo  # pylint: disable=g-import-not-at-top
+  from configs import common, demo  # pylint: disable=g-import-not-at-top
   from pixcon_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import evaluate, metrics, sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import inference, metrics, setup, sharding, train  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   config = common.apply_runlocal(demo.get_config("runlocal"))
   config.model.name = "hrnet_w18"  # CE only: no projection head.
   config.contrast.enabled = False
   config.data.batch_size = 4
   config.schedule.total_steps = LEARN_STEPS
-  exp = train.setup(config)
+  exp = setup.for_training(config)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state = train.initial_state(exp)
+  state = setup.initial_state(exp)
   train_iter = data_lib.make_train_iterator(config.data, config.augment, batch_size_per_process=4,
                                             seed=int(config.data.seed))
   val = list(train.make_eval_iterator(exp))
 
-  apply_fn = evaluate.logits_apply_fn(exp.eval_model)
-  settings = evaluate.settings_from_config(config.eval)
-  predict = jax.jit(lambda v, x: jnp.argmax(evaluate.predict_scores(apply_fn, v, x,
+  apply_fn = inference.logits_apply_fn(exp.eval_model)
+  settings = inference.settings_from_config(config.eval)
+  predict = jax.jit(lambda v, x: jnp.argmax(inference.predict_scores(apply_fn, v, x,
                                                                     settings=settings), -1))
   predict = _compile_quick(predict, {"params": state.params, "batch_stats": state.batch_stats},
                            jnp.asarray(val[0]["image"]))

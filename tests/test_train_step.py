@@ -22,8 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_config(recipe: str = "paper"):
   """cityscapes_hrnet:runlocal with 32x32 crops, global batch 8 (one image per fake device)."""
-  sys.path.insert(0, str(REPO / "configs"))
-  import cityscapes_hrnet  # pylint: disable=g-import-not-at-top
+  from configs import cityscapes_hrnet  # pylint: disable=g-import-not-at-top
   config = cityscapes_hrnet.get_config("runlocal" + (",official" if recipe == "official" else ""))
   config.data.batch_size = 8
   config.data.crop_size = (32, 32)
@@ -56,9 +55,9 @@ def fake_batch(config, seed: int = 0) -> dict:
 def run_steps(config, devices, batches):
   """Runs len(batches) steps on a mesh of `devices`; returns the final state as numpy."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
-  exp = train.setup(config)
+  exp = setup.for_training(config)
   mesh = sharding.make_mesh(devices)
   state = ts.create_train_state(
       config, exp.train_model, exp.tx, mesh, image_shape=tuple(config.data.crop_size) + (3,),
@@ -156,12 +155,12 @@ def process_worker(out_path: str, port: str, process_id: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=int(process_id))
-  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
   disable_dropout()
   config = tiny_config("paper")
-  exp = train.setup(config)
+  exp = setup.for_training(config)
   state = ts.create_train_state(
       config, exp.train_model, exp.tx, exp.mesh, image_shape=tuple(config.data.crop_size) + (3,),
       num_classes=config.model.num_classes, num_train_images=16, rng=jax.random.PRNGKey(0))
@@ -256,12 +255,12 @@ def test_compiled_step_writes_the_memory_bank_in_place():
   other array of the step shares the bank's shapes.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   config = tiny_config("paper")
   config.data.batch_size = 2
   config.memory.pixel_queue_size = 23
-  exp = train.setup(config)
+  exp = setup.for_training(config)
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = ts.create_train_state(
       config, exp.train_model, exp.tx, mesh, image_shape=tuple(config.data.crop_size) + (3,),

@@ -11,14 +11,14 @@ Public API:
   make_source(data_cfg, split) -> random-access source of un-augmented records
   default_data_config(dataset), default_augment_config()
 """
-from pixcon_jax.data.defaults import default_augment_config
-from pixcon_jax.data.defaults import default_data_config
-from pixcon_jax.data.info import DATASETS
-from pixcon_jax.data.info import DatasetInfo
-from pixcon_jax.data.info import get_dataset_info
+from pixcon_jax.data.config_defaults import default_augment_config
+from pixcon_jax.data.config_defaults import default_data_config
+from pixcon_jax.data.datasets import DATASETS
+from pixcon_jax.data.datasets import DatasetInfo
+from pixcon_jax.data.datasets import get_dataset_info
+from pixcon_jax.data.datasets import make_source
 from pixcon_jax.data.pipeline import close_iterator
 from pixcon_jax.data.pipeline import make_eval_iterator
 from pixcon_jax.data.pipeline import make_train_iterator
 from pixcon_jax.data.pipeline import make_train_loader
 from pixcon_jax.data.pipeline import num_eval_batches
-from pixcon_jax.data.sources import make_source

@@ -19,10 +19,10 @@ from typing import Any, Mapping
 import grain.python as grain
 import numpy as np
 
-from pixcon_jax.data import sources
+from pixcon_jax.data import datasets
 from pixcon_jax.data import transforms
 from pixcon_jax.data.classes import IGNORE_LABEL
-from pixcon_jax.data.info import get_dataset_info
+from pixcon_jax.data.datasets import get_dataset_info
 
 
 class TrainAugment(grain.RandomMapTransform):
@@ -104,7 +104,7 @@ def make_train_iterator(data_cfg: Mapping[str, Any], augment_cfg: Mapping[str, A
   """
   _check_process(process_index, process_count, batch_size_per_process)
   info = get_dataset_info(data_cfg["dataset"])
-  source = sources.make_source(data_cfg, _get(data_cfg, "train_split", info.train_split))
+  source = datasets.make_source(data_cfg, _get(data_cfg, "train_split", info.train_split))
   loader = make_train_loader(
       source, crop_size=_get(data_cfg, "crop_size", info.crop_size),
       augment=transforms.AugmentConfig.from_config(augment_cfg),
@@ -161,7 +161,7 @@ def make_eval_iterator(data_cfg: Mapping[str, Any], augment_cfg: Mapping[str, An
   _check_process(process_index, process_count, batch_size_per_process)
   info = get_dataset_info(data_cfg["dataset"])
   split = split or _get(data_cfg, "eval_split", info.val_split)
-  source = sources.make_source(data_cfg, split)
+  source = datasets.make_source(data_cfg, split)
   nb = num_eval_batches(len(source), batch_size_per_process, process_count)
   total = nb * batch_size_per_process * process_count
   pad_size = data_cfg.get("eval_pad_size", None)

@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 
-from pixcon_jax.data.info import get_dataset_info
+from pixcon_jax.data.datasets import get_dataset_info
 
 
 def _check_manual_dir(dataset: str, manual_dir: str) -> None:

@@ -5,9 +5,9 @@ from typing import Any
 
 import numpy as np
 
-from pixcon_jax.data import sources
+from pixcon_jax.data import datasets
 from pixcon_jax.data.classes import IGNORE_LABEL
-from pixcon_jax.data.info import get_dataset_info
+from pixcon_jax.data.datasets import get_dataset_info
 
 
 def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
@@ -32,7 +32,7 @@ def compute_stats(data_cfg: dict[str, Any], split: str, *, class_weights: bool =
   ignored_pixels, total_pixels, and with `class_weights` the weights {class name: weight}.
   """
   info = get_dataset_info(data_cfg["dataset"])
-  source = sources.make_source(data_cfg, split)
+  source = datasets.make_source(data_cfg, split)
   n = len(source) if max_examples is None else min(len(source), max_examples)
   counts = np.zeros((256,), np.int64)
   for i in range(n):

@@ -28,7 +28,7 @@ IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32) * 255.0
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Static augmentation settings (see `defaults.default_augment_config` for each key)."""
+  """Static augmentation settings (see `config_defaults.default_augment_config` for each key)."""
   scale_range: tuple[float, float] = (0.5, 2.0)
   aspect_jitter: bool = False
   aspect_range: tuple[float, float] = (0.9, 1.1)

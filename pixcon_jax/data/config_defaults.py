@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from pixcon_jax.data.info import get_dataset_info
+from pixcon_jax.data.datasets import get_dataset_info
 
 
 def default_data_config(dataset: str = "cityscapes") -> ml_collections.ConfigDict:

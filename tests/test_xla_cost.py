@@ -37,3 +37,14 @@ def test_loops_of_unknown_length_count_the_stated_bound():
 
 def test_no_collective_no_bytes():
   assert xla_cost.collective_bytes(_compiled_text(lambda x: x * 2.0, jnp.ones(4))) == 0
+
+
+def test_a_conditional_counts_its_most_expensive_branch():
+  x = jnp.ones((10,), jnp.float32)
+
+  def maybe_gather(x):
+    big = lambda x: lax.psum(jnp.concatenate([x, x, x]), "data")[:10]  # 120 bytes
+    small = lambda x: lax.psum(x, "data")  # 40 bytes
+    return lax.cond(lax.psum(jnp.sum(x), "data") > 0, big, small, x)  # + 4 bytes
+
+  assert xla_cost.collective_bytes(_compiled_text(maybe_gather, x)) == 120 + 4

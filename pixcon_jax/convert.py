@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixcon_jax.models.segmenter import BACKBONE_PREFIX
+from pixcon_jax.models.registry import BACKBONE_PREFIX
 
 # Top-level torch modules (after an optional `backbone.`) that our models never use:
 # the ImageNet classification parts of HRNet and ResNet checkpoints.

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixcon_jax import host_memory
-from pixcon_jax import xla_cpu
+from pixcon_jax.cpu import host_memory
+from pixcon_jax.cpu import xla_flags
 from pixcon_jax.contrast import loss as loss_lib
 from pixcon_jax.contrast import memory as memory_lib
 from pixcon_jax.contrast import sampling
@@ -227,12 +227,12 @@ def main(argv=None):
   parser.add_argument("--skip_naive_paper", action="store_true")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_hugepages", action="store_true",
-                      help="keep glibc's default malloc (see pixcon_jax/host_memory.py)")
+                      help="keep glibc's default malloc (see pixcon_jax/cpu/host_memory.py)")
   parser.add_argument("--no_eigen_dots", action="store_true",
-                      help="keep XLA:CPU's YNNPACK dots (see pixcon_jax/xla_cpu.py)")
+                      help="keep XLA:CPU's YNNPACK dots (see pixcon_jax/cpu/xla_flags.py)")
   flags = parser.parse_args(argv)
   if not flags.no_eigen_dots:
-    xla_cpu.use_eigen_dots()
+    xla_flags.use_eigen_dots()
   if not flags.no_hugepages:
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   result = {"backend": jax.default_backend(),

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import layers
-from pixcon_jax.models.layers import ModuleDef, ResidualOut
+from pixcon_jax.models.layers import ModuleDef
 
 EXPANSION = 4  # Bottleneck output channels per plane.
 
@@ -37,14 +36,12 @@ def avg_pool_ceil(x: jax.Array, window: int) -> jax.Array:
   return (total / count).astype(x.dtype)
 
 
-class ConvBN(nn.Module):
+class ConvBN(layers.ConvNormModule):
   """`nn.Sequential(Conv2d(bias=False), BN[, ReLU])`: conv under "0", BN under "1"."""
   features: int
   kernel_size: int = 3
   stride: int = 1
   relu: bool = True
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -54,7 +51,7 @@ class ConvBN(nn.Module):
     return nn.relu(x) if self.relu else x
 
 
-class Downsample(nn.Module):
+class Downsample(layers.ConvNormModule):
   """The projection shortcut of a block, named like the official `nn.Sequential`.
 
   Plain (official): `0` = 1x1 conv with the block's stride, `1` = BN.
@@ -66,8 +63,6 @@ class Downsample(nn.Module):
   features: int
   stride: int = 1
   avg_down: bool = False
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -83,7 +78,7 @@ class Downsample(nn.Module):
     return self.norm(use_running_average=not train, name=bn_name)(x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(layers.ResidualModule):
   """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels), plus the shortcut; ReLU of the sum.
 
   Attributes:
@@ -98,9 +93,6 @@ class Bottleneck(nn.Module):
   stride: int = 1
   dilation: int = 1
   avg_down: bool = False
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -114,12 +106,12 @@ class Bottleneck(nn.Module):
     y = nn.relu(bn("bn2")(y))
     y = bn("bn3")(self.conv(out_features, 1, name="conv3")(y))
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = Downsample(out_features, self.stride, self.avg_down, self.conv, self.norm,
+      x = Downsample(out_features, self.stride, self.avg_down, **self.conv_norm(),
                      name="downsample")(x, train)
     return self.residual_out(nn.relu(y + x))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(layers.ResidualModule):
   """Two 3x3 convs with BN, plus the shortcut (a 1x1 projection if the shape changes); ReLU of the sum.
 
   Attributes:
@@ -130,9 +122,6 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   dilation: int = 1
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -144,12 +133,12 @@ class BasicBlock(nn.Module):
     y = nn.relu(bn("bn1")(y))
     y = bn("bn2")(self.conv(self.planes, 3, dilation=self.dilation, name="conv2")(y))
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = Downsample(self.planes, self.stride, conv=self.conv, norm=self.norm,
+      x = Downsample(self.planes, self.stride, **self.conv_norm(),
                      name="downsample")(x, train)
     return self.residual_out(nn.relu(y + x))
 
 
-class ResidualStack(nn.Module):
+class ResidualStack(layers.ResidualModule):
   """A run of residual blocks named "0", "1", ... (ResNet `layerN`, HRNet `layer1`, `branches.i`).
 
   Attributes:
@@ -162,15 +151,12 @@ class ResidualStack(nn.Module):
   planes: int
   dilations: Sequence[int]
   stride: int = 1
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), block output channels]."""
     for i, dilation in enumerate(self.dilations):
       x = self.block(self.planes, stride=self.stride if i == 0 else 1, dilation=dilation,
-                     conv=self.conv, norm=self.norm, residual_out=self.residual_out,
+                     **self.conv_norm_residual(),
                      name=str(i))(x, train)
     return x

@@ -19,23 +19,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import heads
 from pixcon_jax.models import layers
 from pixcon_jax.models import registry
 from pixcon_jax.models import segmenter
-from pixcon_jax.models.layers import ModuleDef
 
 
-class ImagePooling(nn.Module):
+class ImagePooling(layers.ConvNormModule):
   """ASPP image-level branch `b4`: global average pool ("0"), 1x1 conv ("1"), BNReLU ("2").
 
   In training its BN sees one value per image and channel, so it needs a
   batch > 1 (or cross-replica BN over `bn_axis_name`), as in PyTorch.
   """
   features: int
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -46,7 +42,7 @@ class ImagePooling(nn.Module):
     return layers.BNReLU(self.norm, name="2")(y, train)
 
 
-class ASPP(nn.Module):
+class ASPP(layers.ConvNormModule):
   """Atrous spatial pyramid pooling, the official `ASPPModule` (DeepLabV3).
 
   Branches: `b0` 1x1, `b1..b3` 3x3 with dilation `rates`, `b4` image pool
@@ -63,19 +59,17 @@ class ASPP(nn.Module):
   features: int = 512
   rates: Sequence[int] = (12, 24, 36)
   dropout_rate: float = 0.0
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> [B, h, w, features]."""
     h, w = x.shape[1:3]
-    kw = dict(use_bias=False, conv=self.conv, norm=self.norm)
+    kw = dict(use_bias=False, **self.conv_norm())
     branches = [heads.ConvBNReLU(self.features, 1, name="b0", **kw)(x, train)]
     for i, rate in enumerate(self.rates, start=1):
       branches.append(heads.ConvBNReLU(self.features, 3, dilation=rate, name=f"b{i}",
                                        **kw)(x, train))
-    pooled = ImagePooling(self.features, self.conv, self.norm,
+    pooled = ImagePooling(self.features, **self.conv_norm(),
                           name=f"b{len(self.rates) + 1}")(x, train)
     branches.append(layers.resize_bilinear(pooled, (h, w)))
     y = jnp.concatenate(branches, axis=-1)
@@ -83,15 +77,13 @@ class ASPP(nn.Module):
     return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(y)
 
 
-class Refine(nn.Module):
+class Refine(layers.ConvNormModule):
   """`decoder.refine`: 3x3 conv ("0") + BN ("1") with *no* ReLU, then the 1x1 classifier ("2").
 
   The missing ReLU is the official code's (quirk 9), kept for checkpoint parity.
   """
   num_classes: int
   features: int = 512
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -102,7 +94,7 @@ class Refine(nn.Module):
     return x.astype(jnp.float32)
 
 
-class DeepLabV3Head(nn.Module):
+class DeepLabV3Head(layers.ConvNormModule):
   """The official `DeepLabHead` (named `decoder` in the model).
 
   Attributes:
@@ -118,8 +110,6 @@ class DeepLabV3Head(nn.Module):
   aux_features: int = 256
   rates: Sequence[int] = (12, 24, 36)
   dropout_rate: float = 0.0
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, layer3: jax.Array, layer4: jax.Array,
@@ -133,7 +123,7 @@ class DeepLabV3Head(nn.Module):
     Returns:
       (logits, aux_logits), both [B, h, w, C] float32.
     """
-    kw = dict(conv=self.conv, norm=self.norm)
+    kw = self.conv_norm()
     # Official `layer_dsn`: [3x3 conv (bias), BNReLU, 1x1 conv (bias)]; a dropout, if asked
     # for, sits before the classifier and moves it to "3" as torch's Sequential would.
     aux = heads.FCNHead(self.num_classes, self.aux_features, self.dropout_rate or None,
@@ -144,9 +134,7 @@ class DeepLabV3Head(nn.Module):
     return logits, aux
 
 
-@registry.register("deeplab_v3", backbone="deepbase_resnet101_dilated8", contrast=False)
-@registry.register("deeplab_v3_contrast", backbone="deepbase_resnet101_dilated8", contrast=True)
-class DeepLabV3(nn.Module):
+class DeepLabV3(segmenter.Segmenter):
   """`DeepLabV3Contrast` (with `proj_dim`) or `DeepLabV3` (without): backbone, decoder, proj_head.
 
   As in the official forward, the decoder reads the last two backbone outputs
@@ -154,24 +142,13 @@ class DeepLabV3(nn.Module):
   layer4 (2048 channels, so its hidden conv is 2048 wide). Registered on the official
   deep-base ResNet-101 at output stride 8 (multi-grid 1, 1, 1).
 
-  Attributes:
-    backbone: the dilated ResNet (parameters under "backbone").
-    num_classes: C.
-    proj_dim: embedding size D, or None for no projection head.
-    proj_type: "convmlp" or "linear".
-    aspp_features, aux_features, rates, dropout_rate: see `DeepLabV3Head`.
-    conv, norm: the `ModuleDef`s of the heads' convs and BNs.
+  Attributes: `Segmenter`'s, and `aspp_features`, `aux_features`, `rates`, `dropout_rate`
+  (see `DeepLabV3Head`).
   """
-  backbone: nn.Module
-  num_classes: int
-  proj_dim: int | None = 256
-  proj_type: str = "convmlp"
   aspp_features: int = 512
   aux_features: int = 256
   rates: Sequence[int] = (12, 24, 36)
   dropout_rate: float = 0.0
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -182,8 +159,10 @@ class DeepLabV3(nn.Module):
     """
     features = self.backbone(image, train)
     logits, aux = DeepLabV3Head(self.num_classes, self.aspp_features, self.aux_features,
-                                self.rates, self.dropout_rate, self.conv, self.norm,
+                                self.rates, self.dropout_rate, **self.conv_norm(),
                                 name="decoder")(features[-2], features[-1], train)
-    emb = segmenter.projection_head(features[-1], self.proj_dim, self.proj_type, train=train,
-                                    conv=self.conv, norm=self.norm)
-    return segmenter.model_outputs(logits, features, aux_logits=aux, embedding=emb)
+    return self.outputs(logits, features, features[-1], train=train, aux_logits=aux)
+
+
+for _name, _contrast in (("deeplab_v3", False), ("deeplab_v3_contrast", True)):
+  registry.register(_name, backbone="deepbase_resnet101_dilated8", contrast=_contrast)(DeepLabV3)

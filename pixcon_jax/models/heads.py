@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import layers
 from pixcon_jax.models.layers import ModuleDef
 
@@ -24,7 +23,7 @@ def dropout2d(rate: float, *, train: bool) -> nn.Dropout:
   return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)
 
 
-class ConvBNReLU(nn.Module):
+class ConvBNReLU(layers.ConvNormModule):
   """`nn.Sequential(Conv2d, BNReLU)`: conv under "0", BN under "1.0".
 
   The official `conv3x3` of HRNet-OCR and `conv_3x3` of ResNet-OCR (3x3 with bias), and the
@@ -40,8 +39,6 @@ class ConvBNReLU(nn.Module):
   kernel_size: int = 3
   use_bias: bool = True
   dilation: int = 1
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -51,7 +48,7 @@ class ConvBNReLU(nn.Module):
     return layers.BNReLU(self.norm, name="1")(x, train)
 
 
-class FCNHead(nn.Module):
+class FCNHead(layers.ConvNormModule):
   """Conv-BNReLU-[Dropout2d]-conv1x1 classifier.
 
   With the defaults this is the HRNet `cls_head` (3x3 conv with bias, BNReLU,
@@ -71,8 +68,6 @@ class FCNHead(nn.Module):
   dropout: float | None = 0.1
   final_bias: bool = False
   kernel_size: int = 3
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -104,11 +99,9 @@ def spatial_gather(feats: jax.Array, probs: jax.Array, scale: float = 1.0) -> ja
   return ctx.astype(feats.dtype)
 
 
-class ConvBNReLUStack(nn.Module):
+class ConvBNReLUStack(layers.ConvNormModule):
   """1x1 (conv + BNReLU) x n, named "0", "1.0", "2", "3.0", ... (`f_pixel`, `f_down`, ...)."""
   features: tuple[int, ...]
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -118,15 +111,13 @@ class ConvBNReLUStack(nn.Module):
     return x
 
 
-class ObjectAttentionBlock(nn.Module):
+class ObjectAttentionBlock(layers.ConvNormModule):
   """`object_context_block`: pixel-to-object attention (OCR Eq. 3-4), scale 1.
 
   Attributes:
     key_channels: channels of queries, keys and values (256 in the official heads).
   """
   key_channels: int = 256
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, proxy: jax.Array, train: bool = False) -> jax.Array:
@@ -138,7 +129,7 @@ class ObjectAttentionBlock(nn.Module):
     Returns:
       [B, h, w, Cin] object contextual representations.
     """
-    k, injected = self.key_channels, dict(conv=self.conv, norm=self.norm)
+    k, injected = self.key_channels, self.conv_norm()
     cin = x.shape[-1]
     # The proxy is a [B, C, 1, Cin] "image" in NHWC, as torch's [B, Cin, C, 1].
     proxy = proxy[:, :, None, :]
@@ -156,7 +147,7 @@ class ObjectAttentionBlock(nn.Module):
     return ConvBNReLUStack((cin,), name="f_up", **injected)(context, train)
 
 
-class SpatialOCR(nn.Module):
+class SpatialOCR(layers.ConvNormModule):
   """`SpatialOCR_Module`: object context, then 1x1 conv-BNReLU-Dropout2d on [context, feats].
 
   Attributes:
@@ -167,17 +158,15 @@ class SpatialOCR(nn.Module):
   key_channels: int = 256
   out_channels: int = 512
   dropout: float = 0.05
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, feats: jax.Array, proxy: jax.Array, train: bool = False) -> jax.Array:
     """feats [B, h, w, Cin], proxy [B, C, Cin] -> [B, h, w, out_channels]."""
-    context = ObjectAttentionBlock(self.key_channels, self.conv, self.norm,
+    context = ObjectAttentionBlock(self.key_channels, **self.conv_norm(),
                                    name="object_context_block")(feats, proxy, train)
     # `context` first, as in the official torch.cat([context, feats], 1).
     x = jnp.concatenate([context, feats.astype(context.dtype)], axis=-1)
-    x = ConvBNReLU(self.out_channels, 1, conv=self.conv, norm=self.norm,
+    x = ConvBNReLU(self.out_channels, 1, **self.conv_norm(),
                    name="conv_bn_dropout")(x, train)
     return dropout2d(self.dropout, train=train)(x)
 
@@ -201,6 +190,7 @@ def ocr_head(feats: jax.Array, aux_logits: jax.Array, num_classes: int, *, train
   """
   x = ConvBNReLU(channels, 3, conv=conv, norm=norm, name=names[0])(feats, train)
   proxy = spatial_gather(x, aux_logits)
-  x = SpatialOCR(key_channels, channels, 0.05, conv, norm, name=names[1])(x, proxy, train)
+  x = SpatialOCR(key_channels, channels, 0.05, conv=conv, norm=norm, name=names[1])(x, proxy,
+                                                                                    train)
   return conv(num_classes, 1, use_bias=True, name=names[2])(x)
 

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from pixcon_jax.models import blocks
-from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import layers
 from pixcon_jax.models import registry
 from pixcon_jax.models.layers import ModuleDef, ResidualOut
@@ -63,7 +62,7 @@ def hrnet_config(width: int, **overrides: Any) -> HRNetConfig:
   return dataclasses.replace(base, **overrides)
 
 
-class DownChain(nn.Module):
+class DownChain(layers.ConvNormModule):
   """Successive stride-2 3x3 ConvBN steps named "0", "1", ...; ReLU after all but `last_relu`.
 
   Used by the transitions (every step has ReLU) and by the fusion of a higher-
@@ -71,19 +70,17 @@ class DownChain(nn.Module):
   """
   features: Sequence[int]
   last_relu: bool
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     n = len(self.features)
     for k, f in enumerate(self.features):
       relu = self.last_relu or k < n - 1
-      x = blocks.ConvBN(f, 3, 2, relu, self.conv, self.norm, name=str(k))(x, train)
+      x = blocks.ConvBN(f, 3, 2, relu, **self.conv_norm(), name=str(k))(x, train)
     return x
 
 
-class Transition(nn.Module):
+class Transition(layers.ConvNormModule):
   """`transition{1,2,3}`: adapts the previous stage's branches to the next stage's.
 
   Branch i < len(prev) gets a 3x3 ConvBNReLU only if its width changes (torch
@@ -92,8 +89,6 @@ class Transition(nn.Module):
   """
   prev_channels: Sequence[int]
   widths: Sequence[int]
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
@@ -102,16 +97,16 @@ class Transition(nn.Module):
     for i, width in enumerate(self.widths):
       if i >= num_prev:
         steps = [self.prev_channels[-1]] * (i - num_prev) + [width]
-        out.append(DownChain(steps, True, self.conv, self.norm, name=str(i))(xs[-1], train))
+        out.append(DownChain(steps, True, **self.conv_norm(), name=str(i))(xs[-1], train))
       elif width != self.prev_channels[i]:
-        out.append(blocks.ConvBN(width, 3, 1, True, self.conv, self.norm, name=str(i))(xs[i],
+        out.append(blocks.ConvBN(width, 3, 1, True, **self.conv_norm(), name=str(i))(xs[i],
                                                                                       train))
       else:
         out.append(xs[i])
     return out
 
 
-class FuseRow(nn.Module):
+class FuseRow(layers.ResidualModule):
   """`fuse_layers.i`: brings every branch j to branch i's resolution and width, then sums.
 
   j > i: 1x1 ConvBN, then bilinear `align_corners=True` upsampling to branch i's
@@ -119,9 +114,6 @@ class FuseRow(nn.Module):
   """
   index: int
   widths: Sequence[int]
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> jax.Array:
@@ -133,79 +125,67 @@ class FuseRow(nn.Module):
       if j == i:
         z = x
       elif j > i:
-        z = blocks.ConvBN(self.widths[i], 1, 1, False, self.conv, self.norm, name=str(j))(x, train)
+        z = blocks.ConvBN(self.widths[i], 1, 1, False, **self.conv_norm(), name=str(j))(x, train)
         z = layers.resize_bilinear(z, size)
       else:
         steps = [self.widths[j]] * (i - j - 1) + [self.widths[i]]
-        z = DownChain(steps, False, self.conv, self.norm, name=str(j))(x, train)
+        z = DownChain(steps, False, **self.conv_norm(), name=str(j))(x, train)
       y = z if y is None else y + z
     return self.residual_out(nn.relu(y))
 
 
-class Branches(nn.Module):
+class Branches(layers.ResidualModule):
   """`branches`: one run of BasicBlocks per resolution, "i" for branch i."""
   widths: Sequence[int]
   num_blocks: int
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    return [blocks.ResidualStack(blocks.BasicBlock, w, (1,) * self.num_blocks, 1, self.conv,
-                                 self.norm, self.residual_out, name=str(i))(x, train)
+    return [blocks.ResidualStack(blocks.BasicBlock, w, (1,) * self.num_blocks,
+                                 **self.conv_norm_residual(), name=str(i))(x, train)
             for i, (w, x) in enumerate(zip(self.widths, xs))]
 
 
-class FuseLayers(nn.Module):
+class FuseLayers(layers.ResidualModule):
   """`fuse_layers`: one FuseRow per output branch."""
   widths: Sequence[int]
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    return [FuseRow(i, self.widths, self.conv, self.norm, self.residual_out, name=str(i))(xs,
+    return [FuseRow(i, self.widths, **self.conv_norm_residual(), name=str(i))(xs,
                                                                                         train)
             for i in range(len(self.widths))]
 
 
-class HighResolutionModule(nn.Module):
+class HighResolutionModule(layers.ResidualModule):
   """Parallel BasicBlock `branches` followed by the all-to-all `fuse_layers` (none for 1 branch)."""
   widths: Sequence[int]
   num_blocks: int
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    injected = dict(conv=self.conv, norm=self.norm, residual_out=self.residual_out)
+    injected = self.conv_norm_residual()
     xs = Branches(self.widths, self.num_blocks, name="branches", **injected)(xs, train)
     if len(self.widths) == 1:
       return xs
     return FuseLayers(self.widths, name="fuse_layers", **injected)(xs, train)
 
 
-class Stage(nn.Module):
+class Stage(layers.ResidualModule):
   """`stage{2,3,4}`: HighResolutionModules named "0", "1", ..."""
   widths: Sequence[int]
   num_modules: int
   num_blocks: int
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
     for m in range(self.num_modules):
-      xs = HighResolutionModule(self.widths, self.num_blocks, self.conv, self.norm,
-                                self.residual_out, name=str(m))(xs, train)
+      xs = HighResolutionModule(self.widths, self.num_blocks, **self.conv_norm_residual(),
+                                name=str(m))(xs, train)
     return xs
 
 
-class HRNet(nn.Module):
+class HRNet(layers.ResidualModule):
   """HRNetV2 backbone returning its four branch outputs.
 
   Attributes:
@@ -214,9 +194,6 @@ class HRNet(nn.Module):
     residual_out: applied to every block and fusion output (`blocks`).
   """
   config: HRNetConfig = HRNetConfig()
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -235,7 +212,7 @@ class HRNet(nn.Module):
       with padding 1).
     """
     cfg = self.config
-    injected = dict(conv=self.conv, norm=self.norm, residual_out=self.residual_out)
+    injected = self.conv_norm_residual()
 
     def bn(name: str) -> nn.Module:
       return self.norm(use_running_average=not train, name=name)
@@ -248,7 +225,7 @@ class HRNet(nn.Module):
     prev = (blocks.EXPANSION * cfg.layer1_planes,)
     for s, num_modules in enumerate(cfg.stage_modules):
       widths = tuple(cfg.widths[:s + 2])
-      xs = Transition(prev, widths, self.conv, self.norm, name=f"transition{s + 1}")(xs, train)
+      xs = Transition(prev, widths, **self.conv_norm(), name=f"transition{s + 1}")(xs, train)
       xs = Stage(widths, num_modules, cfg.num_blocks, name=f"stage{s + 2}", **injected)(xs,
                                                                                       train)
       prev = widths
@@ -270,8 +247,8 @@ def concat_branches(xs: Sequence[jax.Array]) -> jax.Array:
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(HRNetConfig))
 
 
-def build_hrnet(width: int, *, conv: ModuleDef = conv_lib.Conv, norm: ModuleDef = layers.BatchNorm,
-                residual_out: ResidualOut = layers.identity, **config: Any) -> HRNet:
+def build_hrnet(width: int, *, conv: ModuleDef, norm: ModuleDef, residual_out: ResidualOut,
+                **config: Any) -> HRNet:
   """HRNetV2-W{width} (`hrnet_config(width, **config)`) with the given conv, norm and hook."""
   return HRNet(hrnet_config(width, **config), conv=conv, norm=norm, residual_out=residual_out)
 

@@ -7,6 +7,7 @@ variance is updated with the *unbiased* batch variance, bilinear resize with
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from pixcon_jax.models import conv as conv_lib
 
 Dtype = Any
 # An unbound module class or `functools.partial` of one, injected into the models (`conv`, `norm`).
@@ -81,6 +84,40 @@ class BatchNorm(nn.Module):
     mul = scale * lax.rsqrt(var + self.epsilon)
     y = x.astype(jnp.float32) * mul + (bias - mean * mul)
     return y.astype(self.dtype)
+
+
+class ConvNormModule(nn.Module):
+  """Base of the modules with convs and BNs: both injected, as keyword-only fields.
+
+  `models.build_model` makes them once (`registry.layer_defs`: compute dtype, conv algorithm,
+  cross-replica BN axis) and every module hands them on to its children (`conv_norm()`). The
+  defaults (native float32 conv, BN without an axis) serve modules built directly.
+
+  Attributes:
+    conv: `ModuleDef` of `conv.Conv`, called as `conv(features, kernel_size, stride=...,
+      dilation=..., use_bias=..., name=...)`.
+    norm: `ModuleDef` of `BatchNorm`, called as `norm(use_running_average=not train, name=...)`.
+  """
+  conv: ModuleDef = dataclasses.field(default=conv_lib.Conv, kw_only=True)
+  norm: ModuleDef = dataclasses.field(default=BatchNorm, kw_only=True)
+
+  def conv_norm(self) -> dict[str, ModuleDef]:
+    """This module's conv and norm, as keyword arguments of a child module."""
+    return {"conv": self.conv, "norm": self.norm}
+
+
+class ResidualModule(ConvNormModule):
+  """Base of the modules with residual blocks or branch fusions: also `residual_out`.
+
+  Attributes:
+    residual_out: applied to every residual block and fusion output: `identity`, or on
+      XLA:CPU the fusion barrier (`registry.layer_defs` decides; models never see why).
+  """
+  residual_out: ResidualOut = dataclasses.field(default=identity, kw_only=True)
+
+  def conv_norm_residual(self) -> dict[str, Any]:
+    """conv, norm and residual_out, as keyword arguments of a child module."""
+    return {**self.conv_norm(), "residual_out": self.residual_out}
 
 
 class BNReLU(nn.Module):

@@ -10,10 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import heads
 from pixcon_jax.models import layers
-from pixcon_jax.models.layers import ModuleDef
 
 PROJ_TYPES = ("convmlp", "linear")
 
@@ -25,7 +23,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(norm, eps)
 
 
-class ProjectionHead(nn.Module):
+class ProjectionHead(layers.ConvNormModule):
   """Maps features to unit-norm embeddings.
 
   Attributes:
@@ -36,8 +34,6 @@ class ProjectionHead(nn.Module):
   """
   proj_dim: int = 256
   proj_type: str = "convmlp"
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -45,7 +41,7 @@ class ProjectionHead(nn.Module):
     if self.proj_type == "convmlp":
       # The official `convmlp` is the FCN head's layout with 1x1 convs: "0", "1.0", "2".
       y = heads.FCNHead(self.proj_dim, dropout=None, final_bias=True, kernel_size=1,
-                        conv=self.conv, norm=self.norm, name="proj")(x, train)
+                        **self.conv_norm(), name="proj")(x, train)
     elif self.proj_type == "linear":
       y = self.conv(self.proj_dim, 1, use_bias=True, name="proj")(x)
     else:

@@ -12,8 +12,9 @@ openseg code (the backbone of the paper's DeepLabV3 and OCR ResNet models):
 
 Parameter names mirror the official `state_dict` (`resinit.conv1`,
 `layer3.5.bn2`, `layer1.0.downsample.0`, ...), so a converted checkpoint is a
-plain rename. The blocks are `models.blocks`'; conv and norm are injected. The backbone returns every stage, like the official
-`DilatedResnetBackbone.forward`: heads take layer3 (aux) and layer4.
+plain rename. The backbone returns every stage, like the official
+`DilatedResnetBackbone.forward`: heads take layer3 (aux) and layer4. The blocks are
+`models.blocks`'; conv and norm are injected.
 """
 from __future__ import annotations
 
@@ -25,10 +26,8 @@ import flax.linen as nn
 import jax
 
 from pixcon_jax.models import blocks
-from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import layers
 from pixcon_jax.models import registry
-from pixcon_jax.models.layers import ModuleDef, ResidualOut
 
 # Blocks per stage of the Bottleneck ResNets.
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -88,15 +87,13 @@ def dilation_plan(stage_depths: Sequence[int], output_stride: int = 8,
   return tuple(plan)
 
 
-class Stem(nn.Module):
+class Stem(layers.ConvNormModule):
   """The deep-base stem `resinit`: conv-BN-ReLU x3, the first with stride 2.
 
   Attributes:
     width: channels of conv1/conv2; conv3 has 2 * width (official 64 -> 128).
   """
   width: int = 64
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -108,7 +105,7 @@ class Stem(nn.Module):
     return x
 
 
-class ResNet(nn.Module):
+class ResNet(layers.ResidualModule):
   """Deep-base dilated ResNet backbone.
 
   Attributes:
@@ -131,9 +128,6 @@ class ResNet(nn.Module):
   output_stride: int = 8
   multi_grid: Sequence[float] | None = None
   avg_down: bool = False
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
-  residual_out: ResidualOut = layers.identity
 
   def _stage_depths(self) -> tuple[int, ...]:
     if self.stage_depths is not None:
@@ -150,13 +144,9 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> list[jax.Array]:
-    """Runs the backbone.
+    """image [B, H, W, 3] -> six feature maps (BN on batch statistics if `train`).
 
-    Args:
-      image: [B, H, W, 3].
-      train: BN uses batch statistics (and updates `batch_stats`) if True.
-    Returns:
-      Six feature maps in the compute dtype, like the official backbone tuple:
+    The maps are in the compute dtype, like the official backbone tuple:
       stem [B, H/2, W/2, 2*stem_width], max-pool [B, H/4, W/4, .],
       layer1 [B, H/4, W/4, 4*width], layer2 [B, H/8, W/8, 8*width],
       layer3 and layer4 at stride 8, 16 or 32 by `output_stride`
@@ -164,14 +154,14 @@ class ResNet(nn.Module):
       Every "/k" rounds up (ceil-mode pool, symmetric padding).
     """
     plan = dilation_plan(self._stage_depths(), self.output_stride, self.multi_grid)
-    x = Stem(self.stem_width, self.conv, self.norm, name="resinit")(image, train)
+    x = Stem(self.stem_width, **self.conv_norm(), name="resinit")(image, train)
     outputs = [x]
     x = layers.max_pool_ceil(x, 3, 2, 1)
     outputs.append(x)
     block = functools.partial(blocks.Bottleneck, avg_down=self.avg_down)
     for i, stage in enumerate(plan):
       x = blocks.ResidualStack(block, self.width * 2**i, stage.dilations, stage.stride,
-                               self.conv, self.norm, self.residual_out,
+                               **self.conv_norm_residual(),
                                name=f"layer{i + 1}")(x, train)
       outputs.append(x)
     return outputs

@@ -1,4 +1,4 @@
-"""Segmentation networks (backbone + head [+ projection head]) and the registry of named models.
+"""Segmentation networks (backbone + head [+ projection head]): their base, HRNet and ResNet-OCR.
 
 Every model is a linen module called as
 
@@ -26,13 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pixcon_jax.models import conv as conv_lib
 from pixcon_jax.models import heads
 from pixcon_jax.models import hrnet
 from pixcon_jax.models import layers
 from pixcon_jax.models import projection
 from pixcon_jax.models import registry
-from pixcon_jax.models.layers import ModuleDef
 
 
 def model_outputs(logits: jax.Array, features: Sequence[jax.Array], *,
@@ -48,19 +46,55 @@ def model_outputs(logits: jax.Array, features: Sequence[jax.Array], *,
   return out
 
 
-def projection_head(features: jax.Array, proj_dim: int | None, proj_type: str, *, train: bool,
-                    conv: ModuleDef, norm: ModuleDef) -> jax.Array | None:
-  """The `proj_head` embedding [B, h, w, D] of a segmenter, None without one (`proj_dim` None).
+class Segmenter(layers.ConvNormModule):
+  """Base of the registered models: a backbone, a classifier of C classes, a projection head.
 
-  Call it from the segmenter's compact method: the head is its child `proj_head`.
+  `registry.build_model` builds it as `cls(backbone, num_classes, conv=, norm=, **head)`.
+
+  Attributes:
+    backbone: the backbone module (its parameters sit under "backbone").
+    num_classes: C.
+    proj_dim: embedding size D, or None for no projection head.
+    proj_type: "convmlp" or "linear".
+    conv, norm: the `ModuleDef`s of the heads' convs and BNs.
   """
-  if proj_dim is None:
-    return None
-  return projection.ProjectionHead(proj_dim, proj_type, conv, norm, name="proj_head")(features,
-                                                                                     train)
+  backbone: nn.Module
+  num_classes: int
+  proj_dim: int | None = 256
+  proj_type: str = "convmlp"
+
+  def outputs(self, logits: jax.Array, features: Sequence[jax.Array], proj_input: jax.Array, *,
+              train: bool, aux_logits: jax.Array | None = None) -> dict[str, Any]:
+    """`model_outputs`, with the embedding of `proj_input` by the child `proj_head` (if any).
+
+    Call it from the compact `__call__`, which then owns the projection head.
+    """
+    emb = None
+    if self.proj_dim is not None:
+      emb = projection.ProjectionHead(self.proj_dim, self.proj_type, **self.conv_norm(),
+                                      name="proj_head")(proj_input, train)
+    return model_outputs(logits, features, aux_logits=aux_logits, embedding=emb)
 
 
-class HRNetSegmenter(nn.Module):
+class OCRSegmenter(Segmenter):
+  """Base of the segmenters that can have an OCR head (Yuan et al., ECCV 2020).
+
+  Attributes (and `Segmenter`'s):
+    ocr_channels: OCR mid channels (512).
+    ocr_key_channels: OCR attention width (256).
+  """
+  ocr_channels: int = 512
+  ocr_key_channels: int = 256
+
+  def ocr_logits(self, feats: jax.Array, aux_logits: jax.Array, *, train: bool,
+                 names: tuple[str, str, str]) -> jax.Array:
+    """`heads.ocr_head` with this model's widths, conv and norm (call it from `__call__`)."""
+    return heads.ocr_head(feats, aux_logits, self.num_classes, train=train,
+                          channels=self.ocr_channels, key_channels=self.ocr_key_channels,
+                          names=names, **self.conv_norm())
+
+
+class HRNetSegmenter(OCRSegmenter):
   """HRNetV2 + FCN head (`HRNet_W48[_CONTRAST]`) or OCR head (`HRNet_W48_OCR[_CONTRAST]`).
 
   Both heads and the projection head read the 1/4-scale concatenation of the four
@@ -68,30 +102,15 @@ class HRNetSegmenter(nn.Module):
   FCN: `cls_head`; OCR: `conv3x3`, `ocr_distri_head`, `cls_head`, `aux_head`;
   contrast: `proj_head`.
 
-  Attributes:
-    backbone: the HRNet (parameters under "backbone").
-    num_classes: C.
+  Attributes (and `OCRSegmenter`'s; the backbone is an HRNet):
     head: "fcn" or "ocr".
-    proj_dim: embedding size D, or None for no projection head.
-    proj_type: "convmlp" or "linear".
-    ocr_channels: OCR mid channels (512).
-    ocr_key_channels: OCR attention width (256).
-    conv, norm: the `ModuleDef`s of the heads' convs and BNs.
   """
-  backbone: nn.Module
-  num_classes: int
   head: str = "fcn"
-  proj_dim: int | None = 256
-  proj_type: str = "convmlp"
-  ocr_channels: int = 512
-  ocr_key_channels: int = 256
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, Any]:
     """image [B, H, W, 3] -> output dict (see the module docstring), h, w = ceil(H/4), ceil(W/4)."""
-    injected = dict(conv=self.conv, norm=self.norm)
+    injected = self.conv_norm()
     features = self.backbone(image, train)
     feats = hrnet.concat_branches(features)
     aux = None
@@ -101,46 +120,33 @@ class HRNetSegmenter(nn.Module):
     elif self.head == "ocr":
       aux = heads.FCNHead(self.num_classes, dropout=None, final_bias=True, name="aux_head",
                           **injected)(feats, train)
-      logits = heads.ocr_head(feats, aux, self.num_classes, train=train, channels=self.ocr_channels,
-                              key_channels=self.ocr_key_channels,
-                              names=("conv3x3", "ocr_distri_head", "cls_head"), **injected)
+      logits = self.ocr_logits(feats, aux, train=train,
+                               names=("conv3x3", "ocr_distri_head", "cls_head"))
     else:
       raise ValueError(f"HRNet head must be 'fcn' or 'ocr', got {self.head!r}")
-    emb = projection_head(feats, self.proj_dim, self.proj_type, train=train, **injected)
-    return model_outputs(logits, features, aux_logits=aux, embedding=emb)
+    return self.outputs(logits, features, feats, train=train, aux_logits=aux)
 
 
-class OCRNet(nn.Module):
+class OCRNet(OCRSegmenter):
   """OCR head on a dilated ResNet, named like the official `SpatialOCRNet`.
 
   `dsn_head` (3x3 conv 512 + BNReLU + Dropout2d(0.05) + 1x1) gives the aux
   logits from the second-to-last backbone output (layer3, 1024 ch); `conv_3x3`,
   the soft object regions and `spatial_ocr_head` run on the last (layer4, 2048
   ch), and `head` is the 1x1 classifier. The projection head (`proj_head`, not
-  in the official OCRNet) reads layer4, as `DeepLabV3Contrast` does. Attributes as
-  `HRNetSegmenter`'s.
+  in the official OCRNet) reads layer4, as `DeepLabV3Contrast` does. Attributes:
+  `OCRSegmenter`'s (the backbone a dilated ResNet).
   """
-  backbone: nn.Module
-  num_classes: int
-  proj_dim: int | None = 256
-  proj_type: str = "convmlp"
-  ocr_channels: int = 512
-  ocr_key_channels: int = 256
-  conv: ModuleDef = conv_lib.Conv
-  norm: ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, Any]:
     """image [B, H, W, 3] -> output dict at the backbone's output stride."""
-    injected = dict(conv=self.conv, norm=self.norm)
     features = self.backbone(image, train)
     aux = heads.FCNHead(self.num_classes, hidden=self.ocr_channels, dropout=0.05, final_bias=True,
-                        name="dsn_head", **injected)(features[-2], train)
-    logits = heads.ocr_head(features[-1], aux, self.num_classes, train=train,
-                            channels=self.ocr_channels, key_channels=self.ocr_key_channels,
-                            names=("conv_3x3", "spatial_ocr_head", "head"), **injected)
-    emb = projection_head(features[-1], self.proj_dim, self.proj_type, train=train, **injected)
-    return model_outputs(logits, features, aux_logits=aux, embedding=emb)
+                        name="dsn_head", **self.conv_norm())(features[-2], train)
+    logits = self.ocr_logits(features[-1], aux, train=train,
+                             names=("conv_3x3", "spatial_ocr_head", "head"))
+    return self.outputs(logits, features, features[-1], train=train, aux_logits=aux)
 
 
 for _width in (18, 32, 48):

@@ -89,7 +89,8 @@ def choose_impl(x_shape: Sequence[int], kernel_shape: Sequence[int], *, stride: 
   Args:
     x_shape: [B, H, W, Cin] of the input.
     kernel_shape: [kh, kw, Cin, Cout].
-    backend: `jax.default_backend()`: "cpu", "gpu", "tpu", ...
+    backend: the platform the conv runs on, "cpu", "gpu", "tpu", ...: the native op off the
+      CPU (`ConvAlgorithm` always passes "cpu").
   Returns:
     "xla", "matmul" or "winograd".
   """

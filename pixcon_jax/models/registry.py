@@ -3,11 +3,13 @@
 Each architecture module registers what it defines when it is imported (`models/__init__.py`
 imports them all):
 
-    registry.register_backbone("hrnet48", fields=...)(builder)   # builder(*, conv, norm,
-                                                                 #   residual_out, **fields)
-    @registry.register("deeplab_v3_contrast", backbone="deepbase_resnet101_dilated8",
-                       contrast=True)
-    class DeepLabV3(nn.Module): ...   # DeepLabV3(backbone, num_classes, conv=, norm=, **head)
+    @registry.register_backbone("deepbase_resnet101_dilated8", fields=("depth", ...))
+    class ResNet(layers.ResidualModule): ...  # cls(conv=, norm=, residual_out=, **fields)
+
+    @registry.register("ocr_r101_contrast", backbone="deepbase_resnet101_dilated8", contrast=True)
+    class OCRNet(segmenter.Segmenter): ...  # cls(backbone, num_classes, conv=, norm=, **head)
+
+(or the same calls in a loop, for a family of names).
 
 `build_model` builds the backbone, then the segmenter around it, and splits the overrides
 between the two: the backbone's registered `fields`, and the segmenter's own dataclass fields.

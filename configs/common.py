@@ -43,7 +43,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.model.matmul_precision = placeholder(str)  # default | high | highest; None: highest for float32 compute (TPU matmuls as float32, not bf16 passes), default for bfloat16 (pixcon_jax/precision.py).
   c.model.proj_dim = 256  # D of the projection head (Sec. 3.3).
   c.model.proj_type = "convmlp"  # Projection head: convmlp (paper) | linear.
-  c.model.conv_impl = "auto"  # Conv algorithm: auto | xla | matmul | winograd (speed only, models/conv.py).
+  c.model.conv_impl = "auto"  # Conv algorithm: auto | xla | matmul | winograd (speed only, cpu/conv.py).
   c.model.overrides = ml_collections.ConfigDict()  # Extra build_model overrides (tiny widths for tests).
 
   # Data and augmentation keys (and their comments) live with the data pipeline.

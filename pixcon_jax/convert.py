@@ -23,13 +23,11 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pixcon_jax import checkpointing
 from pixcon_jax import models
-from pixcon_jax.models.segmenter import BACKBONE_PREFIX
+from pixcon_jax.models.registry import BACKBONE_PREFIX
 
 # Top-level torch modules (after an optional `backbone.`) that our models never use:
 # the ImageNet classification parts of HRNet and ResNet checkpoints.

@@ -19,13 +19,13 @@ import ml_collections
 from ml_collections import config_flags
 
 from pixcon_jax import checkpointing
-from pixcon_jax import host_memory
 from pixcon_jax import log_filters
 from pixcon_jax import multihost
 from pixcon_jax import paths
 from pixcon_jax import predict
 from pixcon_jax import validation
-from pixcon_jax import xla_cpu
+from pixcon_jax.cpu import host_memory
+from pixcon_jax.cpu import xla_flags
 
 FLAGS = flags.FLAGS
 
@@ -41,11 +41,11 @@ flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids 
 flags.DEFINE_bool("hugepages", True,
                   "Restart with glibc's malloc on transparent huge pages (GLIBC_TUNABLES="
                   "glibc.malloc.hugetlb=1) unless already set: XLA:CPU's per-step temporaries "
-                  "otherwise page-fault anew every step. See pixcon_jax/host_memory.py.")
+                  "otherwise page-fault anew every step. See pixcon_jax/cpu/host_memory.py.")
 flags.DEFINE_bool("eigen_dots", True,
                   "Run XLA:CPU's matrix products on Eigen instead of YNNPACK (faster for this "
                   "project's shapes) unless XLA_FLAGS sets the YNNPACK fusion types. See "
-                  "pixcon_jax/xla_cpu.py.")
+                  "pixcon_jax/cpu/xla_flags.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.eigen_dots:
-    xla_cpu.use_eigen_dots()  # In os.environ, so that the huge-page restart keeps it.
+    xla_flags.use_eigen_dots()  # In os.environ, so that the huge-page restart keeps it.
   log_filters.quiet_resource_tracker(os.environ)
   if FLAGS.hugepages:
     # Before any backend starts: the process is replaced by the same command.

@@ -54,7 +54,7 @@ def apply_init_from(exp: setup.TrainingExperiment,
   variables = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
   merged, report = checkpointing.merge_pretrained(
       variables, pretrained, scope="full" if scope == "partial" else scope,
-      backbone_prefix=models.backbone_param_prefix(c.model.name))
+      backbone_prefix=models.BACKBONE_PREFIX)
   bad = report["missing"] + report["shape_mismatch"]
   in_scope = len(report["loaded"]) + len(bad)
   limit = float(c.get("init_from_max_mismatch", 0.0))

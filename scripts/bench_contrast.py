@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixcon_jax import host_memory
-from pixcon_jax import xla_cpu
+from pixcon_jax.cpu import host_memory
+from pixcon_jax.cpu import xla_flags
 from pixcon_jax.contrast import loss as loss_lib
 from pixcon_jax.contrast import memory as memory_lib
 from pixcon_jax.contrast import sampling
@@ -284,15 +284,15 @@ def main(argv=None):
                       help="only the 1- vs 8-device collective bytes and FLOPs")
   parser.add_argument("--pod_worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--no_hugepages", action="store_true",
-                      help="keep glibc's default malloc (see pixcon_jax/host_memory.py)")
+                      help="keep glibc's default malloc (see pixcon_jax/cpu/host_memory.py)")
   parser.add_argument("--no_eigen_dots", action="store_true",
-                      help="keep XLA:CPU's YNNPACK dots (see pixcon_jax/xla_cpu.py)")
+                      help="keep XLA:CPU's YNNPACK dots (see pixcon_jax/cpu/xla_flags.py)")
   flags = parser.parse_args(argv)
   if flags.pod_worker:
     print(json.dumps(pod_scaling()))
     return
   if not flags.no_eigen_dots:
-    xla_cpu.use_eigen_dots()
+    xla_flags.use_eigen_dots()
   if not flags.no_hugepages:
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   result = {"backend": jax.default_backend(),

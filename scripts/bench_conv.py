@@ -2,7 +2,7 @@
 
 Traces one training forward of the model, collects its distinct conv shapes, and for each
 times `value_and_grad` of a conv (w.r.t. input and kernel) with every applicable algorithm
-of `pixcon_jax.models.conv`. Prints one JSON line per shape (count in the model, GFLOP of
+of `pixcon_jax.cpu.conv`. Prints one JSON line per shape (count in the model, GFLOP of
 the forward, median seconds per algorithm, the one "auto" picks), then a summary line with
 the model total per algorithm (sum over shapes of count x time), for "auto" and for the
 best choice per shape: how far the "auto" thresholds are from this machine's optimum.
@@ -61,7 +61,7 @@ def conv_shapes(name, num_classes, image_shape):
 def time_conv(x_shape, k_shape, stride, padding, dilation, impl, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from pixcon_jax.models import conv  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import conv  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape, jnp.float32)
   k = jax.random.normal(jax.random.PRNGKey(1), k_shape, jnp.float32) * 0.05
 
@@ -82,7 +82,7 @@ def time_conv(x_shape, k_shape, stride, padding, dilation, impl, repeats):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from pixcon_jax.models import conv  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import conv  # pylint: disable=g-import-not-at-top
   h, w = (int(v) for v in FLAGS.crop)
   shapes = conv_shapes(FLAGS.model, FLAGS.num_classes, (FLAGS.batch, h, w, 3))
   totals = collections.Counter()

@@ -42,7 +42,7 @@ def measure(name: str, size: tuple[int, int], num_classes: int, compile_: bool) 
   start = time.time()
   lowered = jax.jit(functools.partial(model.apply, train=False)).lower(shapes, image)
   cost = xla_cost.cost((lowered.compile() if compile_ else lowered).cost_analysis())
-  prefix = models.backbone_param_prefix(name)
+  prefix = models.BACKBONE_PREFIX
   return {"model": name, "params": count(params), "backbone_params": count(params.get(prefix, {})),
           "flops": cost.get("flops"), "gflops": round(cost.get("flops", 0.0) / 1e9, 1),
           "input": [1, *size, 3], "compiled": compile_,

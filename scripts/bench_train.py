@@ -48,9 +48,9 @@ flags.DEFINE_string("conv_impl", "auto", "config.model.conv_impl: auto | xla | m
 flags.DEFINE_string("official_repo", None, "Checkout of tfzhou/ContrastiveSeg to time as baseline.")
 flags.DEFINE_string("torch_python", None, "Python interpreter with PyTorch for the baseline.")
 flags.DEFINE_bool("hugepages", True, "Restart with glibc's malloc on transparent huge pages, as "
-                  "`python -m pixcon_jax.main` does (pixcon_jax/host_memory.py).")
+                  "`python -m pixcon_jax.main` does (pixcon_jax/cpu/host_memory.py).")
 flags.DEFINE_bool("eigen_dots", True, "Run XLA:CPU's dots on Eigen instead of YNNPACK, as "
-                  "`python -m pixcon_jax.main` does (pixcon_jax/xla_cpu.py).")
+                  "`python -m pixcon_jax.main` does (pixcon_jax/cpu/xla_flags.py).")
 flags.DEFINE_bool("full_memory", True, "Time the contrast step with a full memory bank (random "
                   "unit keys), as in training after the bank fills, not the empty initial one.")
 FLAGS = flags.FLAGS
@@ -151,10 +151,10 @@ def time_interleaved(runs: dict) -> dict:
 def main(argv):
   del argv
   if FLAGS.eigen_dots:
-    from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-    xla_cpu.use_eigen_dots()
+    from pixcon_jax.cpu import xla_flags  # pylint: disable=g-import-not-at-top
+    xla_flags.use_eigen_dots()
   if FLAGS.hugepages:
-    from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+    from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   import jax  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{FLAGS.config}").get_config(FLAGS.arg)

@@ -1,4 +1,5 @@
-"""models/conv.py: every convolution algorithm computes PyTorch's conv, and "auto" picks as documented."""
+"""cpu/conv.py and models/conv.py: every convolution algorithm computes PyTorch's conv, "auto"
+picks as documented, and build_model gives a model the algorithm of the platform it is built for."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 
 from pixcon_jax import models
-from pixcon_jax.models import conv
+from pixcon_jax.cpu import conv
+from pixcon_jax.cpu import fusion
+from pixcon_jax.models import conv as conv_layer
+from pixcon_jax.models import layers
 
 # (H, W, kernel, stride, dilation, padding): the convs of HRNet, the deep-stem ResNet (strided,
 # dilated), ASPP (padding = dilation > size), 1x1 shortcuts with stride, and odd sizes.
@@ -104,7 +108,8 @@ def test_choose_impl_follows_backend_dtype_and_shape():
 def test_conv_layer_has_nn_conv_parameters_and_outputs():
   # Checkpoints and the PyTorch converter address `kernel` (HWIO) and `bias` as nn.Conv names them.
   x, _ = _inputs(9, 10, 3, cin=4)
-  ours = conv.Conv(6, 3, stride=2, padding=1, use_bias=True, impl="matmul")
+  ours = conv_layer.Conv(6, 3, stride=2, padding=1, use_bias=True,
+                         conv_fn=conv.ConvAlgorithm("matmul"))
   variables = ours.init(jax.random.PRNGKey(0), x)
   assert jax.tree.map(jnp.shape, variables) == {"params": {"kernel": (3, 3, 4, 6), "bias": (6,)}}
   variables = jax.tree.map(lambda v: v + 0.1, variables)  # a non-zero bias
@@ -114,9 +119,9 @@ def test_conv_layer_has_nn_conv_parameters_and_outputs():
 
 def test_model_wide_winograd_falls_back_where_it_does_not_apply():
   x, _ = _inputs(8, 8, 3, cin=4)
-  layer = conv.Conv(6, 3, stride=2, padding=1, impl="winograd")
+  layer = conv_layer.Conv(6, 3, stride=2, padding=1, conv_fn=conv.ConvAlgorithm("winograd"))
   variables = layer.init(jax.random.PRNGKey(0), x)
-  ref = conv.Conv(6, 3, stride=2, padding=1, impl="xla").apply(variables, x)
+  ref = conv_layer.Conv(6, 3, stride=2, padding=1).apply(variables, x)
   np.testing.assert_allclose(layer.apply(variables, x), ref, rtol=0, atol=1e-5)
 
 
@@ -159,13 +164,23 @@ def test_auto_follows_the_platform_the_model_is_built_for_not_the_default_backen
               layer1_planes=4, layer1_blocks=1, proj_dim=8)
   image = jnp.zeros((1, 16, 16, 3), jnp.float32)
   build = lambda **kw: models.build_model("hrnet_w18_contrast", num_classes=3, **tiny, **kw)
-  assert build(platform="tpu").conv_impl == "xla"
-  assert build(platform="gpu").conv_impl == "xla"
-  assert build(platform="cpu").conv_impl == "auto"
-  assert build(platform="tpu", conv_impl="matmul").conv_impl == "matmul"  # Explicit wins.
+
+  def algorithm(model):  # The conv algorithm every conv of the backbone and the heads runs.
+    fns = {m.conv.keywords.get("conv_fn", conv_layer.native_conv2d) for m in (model,
+                                                                           model.backbone)}
+    assert len(fns) == 1, fns
+    fn = fns.pop()
+    return "xla" if fn is conv_layer.native_conv2d else fn.impl
+
+  assert algorithm(build(platform="tpu")) == "xla"
+  assert algorithm(build(platform="gpu")) == "xla"
+  assert algorithm(build(platform="cpu")) == "auto"
+  assert algorithm(build(platform="tpu", conv_impl="matmul")) == "matmul"  # Explicit wins.
+  assert build(platform="tpu").backbone.residual_out is layers.identity
+  assert build(platform="cpu").backbone.residual_out is fusion.fusion_barrier
   variables = jax.eval_shape(lambda: build(platform="tpu").init(jax.random.PRNGKey(0), image,
                                                                 train=False))
   jaxprs = {p: str(jax.make_jaxpr(lambda v, x, m=build(platform=p): m.apply(v, x, train=False))(
       variables, image)) for p in ("cpu", "tpu")}
-  assert "cond[" in jaxprs["cpu"]  # layers.fusion_barrier, on CPU only.
+  assert "cond[" in jaxprs["cpu"]  # cpu.fusion.fusion_barrier, on CPU only.
   assert "cond[" not in jaxprs["tpu"]

@@ -1,4 +1,6 @@
 """FCN / OCR heads and the projection head, against small numpy references."""
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,9 @@ import numpy as np
 import pytest
 
 from pixcon_jax.models import build_model
+from pixcon_jax.models import conv
 from pixcon_jax.models import heads
+from pixcon_jax.models import layers
 from pixcon_jax.models import projection
 
 
@@ -122,7 +126,10 @@ def test_ocr_on_resnet_reads_layer3_for_aux_and_layer4_for_ocr():
                  "proj.2.kernel", "proj.2.bias"}),
     ("linear", {"proj.kernel", "proj.bias"})])
 def test_projection_head_is_unit_norm(proj_type, names):
-  head = projection.ProjectionHead(proj_dim=8, proj_type=proj_type, dtype=jnp.bfloat16)
+  bf16 = dict(dtype=jnp.bfloat16)
+  head = projection.ProjectionHead(proj_dim=8, proj_type=proj_type,
+                                   conv=functools.partial(conv.Conv, **bf16),
+                                   norm=functools.partial(layers.BatchNorm, **bf16))
   x = jax.random.normal(jax.random.key(0), (2, 3, 5, 6))
   variables = head.init(jax.random.key(1), x)
   assert set(_flat(variables["params"])) == names

@@ -2,8 +2,8 @@
 
 `jax.jit(...).trace(...).lower(lowering_platforms=(p,))` emits the StableHLO a TPU or GPU
 would compile, without one. The CPU-only constructs of the models (im2col / Winograd matmuls in
-place of convolutions, `layers.fusion_barrier`'s conditionals) are chosen when a model is built,
-from the platform it is built for (`conv.resolve_impl`); here they must be absent.
+place of convolutions, `cpu.fusion.fusion_barrier`'s conditionals) are chosen when a model is
+built, from the platform it is built for (`models.registry.layer_defs`); here they must be absent.
 
 A construct of the model is repeated once per residual block, one of the loss or the head is
 not: so each step is lowered for two depths (`num_blocks` 1 and 2) and the counts of `case` and
@@ -27,7 +27,7 @@ from pixcon_jax import precision  # noqa: E402
 from pixcon_jax import sharding  # noqa: E402
 from pixcon_jax import setup  # noqa: E402
 from pixcon_jax import train_step as ts  # noqa: E402
-from pixcon_jax.models import conv  # noqa: E402
+from pixcon_jax.cpu import conv  # noqa: E402
 
 # Lowering platform -> the device platform a model for it is built for.
 ACCELERATORS = {"tpu": "tpu", "cuda": "gpu"}

@@ -55,8 +55,8 @@ def _logged_environment(stderr: str) -> tuple[str, str]:
 
 
 def test_restarts_itself_with_huge_pages_for_malloc_and_eigen_dots(tmp_path):
-  from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("GLIBC_TUNABLES", None)
   want = host_memory.hugepage_environment(env, glibc=host_memory._glibc_version(),
@@ -75,7 +75,7 @@ def test_restarts_itself_with_huge_pages_for_malloc_and_eigen_dots(tmp_path):
 
 
 def test_eigen_dot_flag_decisions(monkeypatch):
-  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
   assert xla_cpu.eigen_dot_flags({}) == xla_cpu.EIGEN_DOTS
   assert xla_cpu.eigen_dot_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                                   "JAX_PLATFORMS": "cpu"}) == (
@@ -90,7 +90,7 @@ def test_eigen_dot_flag_decisions(monkeypatch):
 
 
 def test_hugepage_environment_decisions():
-  from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
   thp = "always [madvise] never\n"
   env = host_memory.hugepage_environment({"PATH": "/bin"}, glibc=(2, 36), thp_setting=thp)
   assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
@@ -109,7 +109,7 @@ def test_hugepage_environment_decisions():
 
 
 def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
-  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
   # A CUDA plugin is a module of the `jax_plugins` namespace package; TPUs need `libtpu`.
   (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
   (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("raise ImportError\n")
@@ -122,8 +122,8 @@ def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("plugins", [["xla_cuda12"], ["xla_cuda13"], ["libtpu"]])
 def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, monkeypatch):
-  from pixcon_jax import host_memory  # pylint: disable=g-import-not-at-top
-  from pixcon_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
   # A host where the restart would happen on the CPU: glibc 2.36 with madvise huge pages.
   monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
   monkeypatch.setattr(host_memory, "_thp_setting", lambda: "always [madvise] never\n")

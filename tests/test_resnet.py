@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from pixcon_jax import models
-from pixcon_jax.models import deeplab, layers, resnet
+from pixcon_jax.models import blocks, deeplab, layers, registry, resnet
 
 # layer4 has 3 blocks so that a 3-rate multi-grid fits, as in ResNet-101.
 TINY = dict(stage_depths=(1, 1, 2, 3), width=4, stem_width=4)
@@ -89,8 +89,8 @@ def test_multi_grid_dilations():
   with pytest.raises(ValueError, match="multi_grid"):
     resnet.dilation_plan((1, 1, 1, 3), 8, (1, 2))
   # The plan is what the convs get: 3 stem convs, then one 3x3 conv per block. (Read off the
-  # native conv ops, which on CPU only conv_impl="xla" emits.)
-  model = resnet.ResNet(**TINY, output_stride=8, multi_grid=(1, 2, 4), conv_impl="xla")
+  # native conv ops, which a directly built ResNet's default conv emits.)
+  model = resnet.ResNet(**TINY, output_stride=8, multi_grid=(1, 2, 4))
   got = _conv_dilations(model, jnp.zeros((1, 32, 32, 3)))
   assert got == [1, 1, 1] + [1] + [1] + [1, 2] + [2, 8, 16]
 
@@ -124,7 +124,7 @@ def test_max_pool_never_picks_padding():
 
 def test_avg_pool_ceil_counts_only_real_pixels():
   x = jnp.arange(15, dtype=jnp.float32).reshape(1, 3, 5, 1)
-  y = np.asarray(resnet.avg_pool_ceil(x, 2))[0, ..., 0]
+  y = np.asarray(blocks.avg_pool_ceil(x, 2))[0, ..., 0]
   # Last row/column windows are partial: averaged over covered pixels only.
   np.testing.assert_allclose(y, [[3, 5, 6.5], [10.5, 12.5, 14]])
 
@@ -164,7 +164,8 @@ def test_official_parameter_names_and_shapes():
 
 
 def test_bf16_compute_keeps_float32_params():
-  variables, outs = _shapes(resnet.ResNet(**TINY, dtype=jnp.bfloat16), (1, 33, 65, 3))
+  variables, outs = _shapes(resnet.ResNet(
+      **TINY, **registry.layer_defs(dtype=jnp.bfloat16)), (1, 33, 65, 3))
   assert all(o.dtype == jnp.bfloat16 for o in outs)
   assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(variables))
 

@@ -21,60 +21,28 @@ import jax.numpy as jnp
 
 from pixcon_jax.models import heads
 from pixcon_jax.models import layers
-from pixcon_jax.models import projection
+from pixcon_jax.models import registry
 from pixcon_jax.models import segmenter
 
-Dtype = Any
 
-
-class DilatedConvBNReLU(nn.Module):
-  """`nn.Sequential(Conv2d(dilation), BNReLU)`: conv under "0", BN under "1.0".
-
-  Attributes:
-    features: output channels.
-    kernel_size: 1 or 3; padding is `dilation * (kernel_size - 1) // 2`.
-    dilation: conv dilation.
-    use_bias: conv bias (the spec tells which official convs have one).
-  """
-  features: int
-  kernel_size: int = 1
-  dilation: int = 1
-  use_bias: bool = False
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [B, H, W, Cin] -> [B, H, W, features]."""
-    x = layers.conv(self.features, self.kernel_size, dilation=self.dilation,
-                    use_bias=self.use_bias, dtype=self.dtype, impl=self.conv_impl, name="0")(x)
-    return layers.BNReLU(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                         name="1")(x)
-
-
-class ImagePooling(nn.Module):
+class ImagePooling(layers.ConvNormModule):
   """ASPP image-level branch `b4`: global average pool ("0"), 1x1 conv ("1"), BNReLU ("2").
 
   In training its BN sees one value per image and channel, so it needs a
   batch > 1 (or cross-replica BN over `bn_axis_name`), as in PyTorch.
   """
   features: int
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, 1, 1, features]."""
     # Pool in float32: a bf16 sum over H*W pixels loses precision.
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-    y = layers.conv(self.features, 1, dtype=self.dtype, impl=self.conv_impl, name="1")(pooled)
-    return layers.BNReLU(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                         name="2")(y)
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+    y = self.conv(self.features, 1, name="1")(pooled)
+    return layers.BNReLU(self.norm, name="2")(y, train)
 
 
-class ASPP(nn.Module):
+class ASPP(layers.ConvNormModule):
   """Atrous spatial pyramid pooling, the official `ASPPModule` (DeepLabV3).
 
   Branches: `b0` 1x1, `b1..b3` 3x3 with dilation `rates`, `b4` image pool
@@ -91,49 +59,42 @@ class ASPP(nn.Module):
   features: int = 512
   rates: Sequence[int] = (12, 24, 36)
   dropout_rate: float = 0.0
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> [B, h, w, features]."""
     h, w = x.shape[1:3]
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
-    branches = [DilatedConvBNReLU(self.features, 1, name="b0", **kw)(x, train)]
+    kw = dict(use_bias=False, **self.conv_norm())
+    branches = [heads.ConvBNReLU(self.features, 1, name="b0", **kw)(x, train)]
     for i, rate in enumerate(self.rates, start=1):
-      branches.append(DilatedConvBNReLU(self.features, 3, dilation=rate, name=f"b{i}",
-                                        **kw)(x, train))
-    pooled = ImagePooling(self.features, name=f"b{len(self.rates) + 1}", **kw)(x, train)
+      branches.append(heads.ConvBNReLU(self.features, 3, dilation=rate, name=f"b{i}",
+                                       **kw)(x, train))
+    pooled = ImagePooling(self.features, **self.conv_norm(),
+                          name=f"b{len(self.rates) + 1}")(x, train)
     branches.append(layers.resize_bilinear(pooled, (h, w)))
     y = jnp.concatenate(branches, axis=-1)
-    y = DilatedConvBNReLU(self.features, 3, name="project", **kw)(y, train)
+    y = heads.ConvBNReLU(self.features, 3, name="project", **kw)(y, train)
     return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(y)
 
 
-class Refine(nn.Module):
+class Refine(layers.ConvNormModule):
   """`decoder.refine`: 3x3 conv ("0") + BN ("1") with *no* ReLU, then the 1x1 classifier ("2").
 
   The missing ReLU is the official code's (quirk 9), kept for checkpoint parity.
   """
   num_classes: int
   features: int = 512
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, h, w, Cin] -> logits [B, h, w, C] in float32."""
-    x = layers.conv(self.features, 3, dtype=self.dtype, impl=self.conv_impl, name="0")(x)
-    x = layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                          name="1")(x)
-    x = layers.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
-                    name="2")(x)
+    x = self.conv(self.features, 3, name="0")(x)
+    x = self.norm(use_running_average=not train, name="1")(x)
+    x = self.conv(self.num_classes, 1, use_bias=True, name="2")(x)
     return x.astype(jnp.float32)
 
 
-class DeepLabV3Head(nn.Module):
+class DeepLabV3Head(layers.ConvNormModule):
   """The official `DeepLabHead` (named `decoder` in the model).
 
   Attributes:
@@ -149,9 +110,6 @@ class DeepLabV3Head(nn.Module):
   aux_features: int = 256
   rates: Sequence[int] = (12, 24, 36)
   dropout_rate: float = 0.0
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, layer3: jax.Array, layer4: jax.Array,
@@ -165,7 +123,7 @@ class DeepLabV3Head(nn.Module):
     Returns:
       (logits, aux_logits), both [B, h, w, C] float32.
     """
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
+    kw = self.conv_norm()
     # Official `layer_dsn`: [3x3 conv (bias), BNReLU, 1x1 conv (bias)]; a dropout, if asked
     # for, sits before the classifier and moves it to "3" as torch's Sequential would.
     aux = heads.FCNHead(self.num_classes, self.aux_features, self.dropout_rate or None,
@@ -176,31 +134,21 @@ class DeepLabV3Head(nn.Module):
     return logits, aux
 
 
-class DeepLabV3(nn.Module):
+class DeepLabV3(segmenter.Segmenter):
   """`DeepLabV3Contrast` (with `proj_dim`) or `DeepLabV3` (without): backbone, decoder, proj_head.
 
   As in the official forward, the decoder reads the last two backbone outputs
   (layer3 for the aux logits, layer4 for ASPP) and the projection head reads
-  layer4 (2048 channels, so its hidden conv is 2048 wide).
+  layer4 (2048 channels, so its hidden conv is 2048 wide). Registered on the official
+  deep-base ResNet-101 at output stride 8 (multi-grid 1, 1, 1).
 
-  Attributes:
-    backbone: the dilated ResNet (parameters under "backbone").
-    num_classes: C.
-    proj_dim: embedding size D, or None for no projection head.
-    proj_type: "convmlp" or "linear".
-    aspp_features, aux_features, rates, dropout_rate: see `DeepLabV3Head`.
+  Attributes: `Segmenter`'s, and `aspp_features`, `aux_features`, `rates`, `dropout_rate`
+  (see `DeepLabV3Head`).
   """
-  backbone: nn.Module
-  num_classes: int
-  proj_dim: int | None = 256
-  proj_type: str = "convmlp"
   aspp_features: int = 512
   aux_features: int = 256
   rates: Sequence[int] = (12, 24, 36)
   dropout_rate: float = 0.0
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -211,44 +159,10 @@ class DeepLabV3(nn.Module):
     """
     features = self.backbone(image, train)
     logits, aux = DeepLabV3Head(self.num_classes, self.aspp_features, self.aux_features,
-                                self.rates, self.dropout_rate, self.bn_axis_name, self.dtype,
-                                self.conv_impl, name="decoder")(features[-2], features[-1], train)
-    emb = None
-    if self.proj_dim is not None:
-      emb = projection.ProjectionHead(self.proj_dim, self.proj_type, self.bn_axis_name,
-                                      self.dtype, self.conv_impl,
-                                      name="proj_head")(features[-1], train)
-    return segmenter.model_outputs(logits, features, aux_logits=aux, embedding=emb)
+                                self.rates, self.dropout_rate, **self.conv_norm(),
+                                name="decoder")(features[-2], features[-1], train)
+    return self.outputs(logits, features, features[-1], train=train, aux_logits=aux)
 
 
-_HEAD_FIELDS = ("proj_dim", "proj_type", "aspp_features", "aux_features", "rates", "dropout_rate")
-
-
-def build_deeplab_v3(*, contrast: bool, num_classes: int, dtype: Dtype = jnp.float32,
-                     bn_axis_name: str | None = None, conv_impl: str = "auto",
-                     **overrides: Any) -> DeepLabV3:
-  """Registry builder of `deeplab_v3_contrast` / `deeplab_v3`.
-
-  Args:
-    contrast: add the projection head on layer4.
-    num_classes: C.
-    dtype: compute dtype.
-    bn_axis_name: mesh axis for cross-replica BN.
-    conv_impl: convolution algorithm (`models.conv`).
-    **overrides: ResNet fields (`depth`, `stage_depths`, `width`, `stem_width`,
-      `output_stride`, `multi_grid`, `avg_down`) and head fields (`proj_dim`,
-      `proj_type`, `aspp_features`, `aux_features`, `rates`, `dropout_rate`).
-  Returns:
-    An unbound `DeepLabV3`; official defaults: deep-base ResNet-101, output
-    stride 8, multi-grid (1, 1, 1), ASPP 512 with rates 12/24/36, no dropout.
-  """
-  overrides = dict(overrides)
-  backbone = segmenter._resnet_backbone(  # pylint: disable=protected-access
-      dtype=dtype, bn_axis_name=bn_axis_name, conv_impl=conv_impl, overrides=overrides)
-  kw = {k: overrides.pop(k) for k in list(overrides) if k in _HEAD_FIELDS}
-  if overrides:
-    raise ValueError(f"deeplab_v3 does not take the overrides {sorted(overrides)}")
-  if not contrast:
-    kw["proj_dim"] = None
-  return DeepLabV3(backbone, num_classes, bn_axis_name=bn_axis_name, dtype=dtype,
-                   conv_impl=conv_impl, **kw)
+for _name, _contrast in (("deeplab_v3", False), ("deeplab_v3_contrast", True)):
+  registry.register(_name, backbone="deepbase_resnet101_dilated8", contrast=_contrast)(DeepLabV3)

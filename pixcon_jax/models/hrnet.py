@@ -11,20 +11,23 @@ Module names mirror the official `state_dict` so a PyTorch key's dotted module
 path is the Flax parameter path: `stage2.0.branches.1.3.conv1`,
 `stage4.0.fuse_layers.3.0.2.0`, `transition1.1.0.0`. Plain `nn.Sequential` /
 `nn.ModuleList` containers become small container modules whose children are
-named "0", "1", ...
+named "0", "1", ... The residual blocks are `models.blocks`'; every module takes its conv and
+norm injected, and the block and fusion outputs go through `residual_out` (`blocks`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pixcon_jax.models import blocks
 from pixcon_jax.models import layers
-
-Dtype = Any
+from pixcon_jax.models import registry
+from pixcon_jax.models.layers import ModuleDef, ResidualOut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,96 +62,7 @@ def hrnet_config(width: int, **overrides: Any) -> HRNetConfig:
   return dataclasses.replace(base, **overrides)
 
 
-class ConvBN(nn.Module):
-  """`nn.Sequential(Conv2d(bias=False), BN[, ReLU])`: conv under "0", BN under "1"."""
-  features: int
-  kernel_size: int = 3
-  stride: int = 1
-  relu: bool = True
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = layers.conv(self.features, self.kernel_size, stride=self.stride, dtype=self.dtype,
-                    impl=self.conv_impl, name="0")(x)
-    x = layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype, name="1")(x)
-    return nn.relu(x) if self.relu else x
-
-
-class Bottleneck(nn.Module):
-  """Official HRNet Bottleneck (expansion 4, stride on the 3x3 conv)."""
-  planes: int
-  stride: int = 1
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    def bn(name: str) -> layers.BatchNorm:
-      return layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                               name=name)
-
-    out_features = 4 * self.planes
-    y = nn.relu(bn("bn1")(layers.conv(self.planes, 1, dtype=self.dtype, impl=self.conv_impl,
-                                      name="conv1")(x)))
-    y = layers.conv(self.planes, 3, stride=self.stride, dtype=self.dtype, impl=self.conv_impl,
-                    name="conv2")(y)
-    y = nn.relu(bn("bn2")(y))
-    y = bn("bn3")(layers.conv(out_features, 1, dtype=self.dtype, impl=self.conv_impl,
-                              name="conv3")(y))
-    if self.stride != 1 or x.shape[-1] != out_features:
-      x = ConvBN(out_features, 1, self.stride, relu=False, bn_axis_name=self.bn_axis_name,
-                 dtype=self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
-    return layers.fusion_barrier(nn.relu(y + x), self.conv_impl)
-
-
-class BasicBlock(nn.Module):
-  """Official HRNet BasicBlock: two 3x3 convs with BN and an identity (or 1x1) shortcut."""
-  planes: int
-  stride: int = 1
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    def bn(name: str) -> layers.BatchNorm:
-      return layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                               name=name)
-
-    y = layers.conv(self.planes, 3, stride=self.stride, dtype=self.dtype, impl=self.conv_impl,
-                    name="conv1")(x)
-    y = nn.relu(bn("bn1")(y))
-    y = bn("bn2")(layers.conv(self.planes, 3, dtype=self.dtype, impl=self.conv_impl,
-                              name="conv2")(y))
-    if self.stride != 1 or x.shape[-1] != self.planes:
-      x = ConvBN(self.planes, 1, self.stride, relu=False, bn_axis_name=self.bn_axis_name,
-                 dtype=self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
-    return layers.fusion_barrier(nn.relu(y + x), self.conv_impl)
-
-
-class Blocks(nn.Module):
-  """A run of residual blocks named "0", "1", ... (`layer1` and each `branches.i`)."""
-  block: str  # "bottleneck" | "basic"
-  planes: int
-  num_blocks: int
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    cls = Bottleneck if self.block == "bottleneck" else BasicBlock
-    for i in range(self.num_blocks):
-      x = cls(self.planes, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-              conv_impl=self.conv_impl, name=str(i))(x, train)
-    return x
-
-
-class DownChain(nn.Module):
+class DownChain(layers.ConvNormModule):
   """Successive stride-2 3x3 ConvBN steps named "0", "1", ...; ReLU after all but `last_relu`.
 
   Used by the transitions (every step has ReLU) and by the fusion of a higher-
@@ -156,21 +70,17 @@ class DownChain(nn.Module):
   """
   features: Sequence[int]
   last_relu: bool
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     n = len(self.features)
     for k, f in enumerate(self.features):
       relu = self.last_relu or k < n - 1
-      x = ConvBN(f, 3, 2, relu=relu, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                 conv_impl=self.conv_impl, name=str(k))(x, train)
+      x = blocks.ConvBN(f, 3, 2, relu, **self.conv_norm(), name=str(k))(x, train)
     return x
 
 
-class Transition(nn.Module):
+class Transition(layers.ConvNormModule):
   """`transition{1,2,3}`: adapts the previous stage's branches to the next stage's.
 
   Branch i < len(prev) gets a 3x3 ConvBNReLU only if its width changes (torch
@@ -179,45 +89,24 @@ class Transition(nn.Module):
   """
   prev_channels: Sequence[int]
   widths: Sequence[int]
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
     out = []
     num_prev = len(self.prev_channels)
     for i, width in enumerate(self.widths):
-      if i < num_prev:
-        if width != self.prev_channels[i]:
-          out.append(ConvBN(width, 3, 1, relu=True, bn_axis_name=self.bn_axis_name,
-                            dtype=self.dtype, conv_impl=self.conv_impl, name=str(i))(xs[i], train))
-        else:
-          out.append(xs[i])
-      else:
+      if i >= num_prev:
         steps = [self.prev_channels[-1]] * (i - num_prev) + [width]
-        out.append(DownChain(steps, last_relu=True, bn_axis_name=self.bn_axis_name,
-                             dtype=self.dtype, conv_impl=self.conv_impl, name=str(i))(xs[-1],
+        out.append(DownChain(steps, True, **self.conv_norm(), name=str(i))(xs[-1], train))
+      elif width != self.prev_channels[i]:
+        out.append(blocks.ConvBN(width, 3, 1, True, **self.conv_norm(), name=str(i))(xs[i],
                                                                                       train))
+      else:
+        out.append(xs[i])
     return out
 
 
-class Branches(nn.Module):
-  """`branches`: one run of BasicBlocks per resolution."""
-  widths: Sequence[int]
-  num_blocks: int
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    return [Blocks("basic", w, self.num_blocks, self.bn_axis_name, self.dtype,
-                   conv_impl=self.conv_impl, name=str(i))(x, train)
-            for i, (w, x) in enumerate(zip(self.widths, xs))]
-
-
-class FuseRow(nn.Module):
+class FuseRow(layers.ResidualModule):
   """`fuse_layers.i`: brings every branch j to branch i's resolution and width, then sums.
 
   j > i: 1x1 ConvBN, then bilinear `align_corners=True` upsampling to branch i's
@@ -225,9 +114,6 @@ class FuseRow(nn.Module):
   """
   index: int
   widths: Sequence[int]
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> jax.Array:
@@ -239,78 +125,75 @@ class FuseRow(nn.Module):
       if j == i:
         z = x
       elif j > i:
-        z = ConvBN(self.widths[i], 1, 1, relu=False, bn_axis_name=self.bn_axis_name,
-                   dtype=self.dtype, conv_impl=self.conv_impl, name=str(j))(x, train)
+        z = blocks.ConvBN(self.widths[i], 1, 1, False, **self.conv_norm(), name=str(j))(x, train)
         z = layers.resize_bilinear(z, size)
       else:
         steps = [self.widths[j]] * (i - j - 1) + [self.widths[i]]
-        z = DownChain(steps, last_relu=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                      conv_impl=self.conv_impl, name=str(j))(x, train)
+        z = DownChain(steps, False, **self.conv_norm(), name=str(j))(x, train)
       y = z if y is None else y + z
-    return layers.fusion_barrier(nn.relu(y), self.conv_impl)
+    return self.residual_out(nn.relu(y))
 
 
-class FuseLayers(nn.Module):
-  """`fuse_layers`: one FuseRow per output branch."""
+class Branches(layers.ResidualModule):
+  """`branches`: one run of BasicBlocks per resolution, "i" for branch i."""
   widths: Sequence[int]
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  num_blocks: int
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    return [FuseRow(i, self.widths, self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
-                    name=str(i))(xs, train)
+    return [blocks.ResidualStack(blocks.BasicBlock, w, (1,) * self.num_blocks,
+                                 **self.conv_norm_residual(), name=str(i))(x, train)
+            for i, (w, x) in enumerate(zip(self.widths, xs))]
+
+
+class FuseLayers(layers.ResidualModule):
+  """`fuse_layers`: one FuseRow per output branch."""
+  widths: Sequence[int]
+
+  @nn.compact
+  def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
+    return [FuseRow(i, self.widths, **self.conv_norm_residual(), name=str(i))(xs,
+                                                                                        train)
             for i in range(len(self.widths))]
 
 
-class HighResolutionModule(nn.Module):
-  """Parallel BasicBlock branches followed by the all-to-all fusion."""
+class HighResolutionModule(layers.ResidualModule):
+  """Parallel BasicBlock `branches` followed by the all-to-all `fuse_layers` (none for 1 branch)."""
   widths: Sequence[int]
   num_blocks: int
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
-    xs = Branches(self.widths, self.num_blocks, self.bn_axis_name, self.dtype,
-                  conv_impl=self.conv_impl, name="branches")(xs, train)
+    injected = self.conv_norm_residual()
+    xs = Branches(self.widths, self.num_blocks, name="branches", **injected)(xs, train)
     if len(self.widths) == 1:
       return xs
-    return FuseLayers(self.widths, self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
-                      name="fuse_layers")(xs, train)
+    return FuseLayers(self.widths, name="fuse_layers", **injected)(xs, train)
 
 
-class Stage(nn.Module):
+class Stage(layers.ResidualModule):
   """`stage{2,3,4}`: HighResolutionModules named "0", "1", ..."""
   widths: Sequence[int]
   num_modules: int
   num_blocks: int
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
     for m in range(self.num_modules):
-      xs = HighResolutionModule(self.widths, self.num_blocks, self.bn_axis_name, self.dtype,
-                                conv_impl=self.conv_impl, name=str(m))(xs, train)
+      xs = HighResolutionModule(self.widths, self.num_blocks, **self.conv_norm_residual(),
+                                name=str(m))(xs, train)
     return xs
 
 
-class HRNet(nn.Module):
+class HRNet(layers.ResidualModule):
   """HRNetV2 backbone returning its four branch outputs.
 
   Attributes:
     config: widths and depths (`hrnet_config(48)` is HRNetV2-W48).
-    bn_axis_name: mesh axis for cross-replica BN in training, or None.
-    dtype: compute dtype; parameters and BN statistics stay float32.
+    conv, norm: the conv and BN `ModuleDef`s (dtype, algorithm, cross-replica axis).
+    residual_out: applied to every block and fusion output (`blocks`).
   """
   config: HRNetConfig = HRNetConfig()
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @property
   def out_channels(self) -> tuple[int, ...]:
@@ -324,31 +207,27 @@ class HRNet(nn.Module):
       image: [B, H, W, 3].
       train: BN uses batch statistics (and updates `batch_stats`) if True.
     Returns:
-      Four maps in `dtype`: [B, H/4, W/4, w0], [B, H/8, W/8, w1], [B, H/16, W/16, w2],
-      [B, H/32, W/32, w3], each "/2" rounding up (3x3 stride-2 convs with padding 1).
+      Four maps in the compute dtype: [B, H/4, W/4, w0], [B, H/8, W/8, w1],
+      [B, H/16, W/16, w2], [B, H/32, W/32, w3], each "/2" rounding up (3x3 stride-2 convs
+      with padding 1).
     """
     cfg = self.config
-    ax, dt = self.bn_axis_name, self.dtype
+    injected = self.conv_norm_residual()
 
-    def bn(name: str) -> layers.BatchNorm:
-      return layers.batch_norm(train=train, axis_name=ax, dtype=dt, name=name)
+    def bn(name: str) -> nn.Module:
+      return self.norm(use_running_average=not train, name=name)
 
-    x = image.astype(dt)
-    x = nn.relu(bn("bn1")(layers.conv(cfg.stem_width, 3, stride=2, dtype=dt, impl=self.conv_impl,
-                                      name="conv1")(x)))
-    x = nn.relu(bn("bn2")(layers.conv(cfg.stem_width, 3, stride=2, dtype=dt, impl=self.conv_impl,
-                                      name="conv2")(x)))
-    x = Blocks("bottleneck", cfg.layer1_planes, cfg.layer1_blocks, ax, dt, conv_impl=self.conv_impl,
-               name="layer1")(x, train)
-
+    x = nn.relu(bn("bn1")(self.conv(cfg.stem_width, 3, stride=2, name="conv1")(image)))
+    x = nn.relu(bn("bn2")(self.conv(cfg.stem_width, 3, stride=2, name="conv2")(x)))
+    x = blocks.ResidualStack(blocks.Bottleneck, cfg.layer1_planes, (1,) * cfg.layer1_blocks,
+                             name="layer1", **injected)(x, train)
     xs = [x]
-    prev = (4 * cfg.layer1_planes,)
+    prev = (blocks.EXPANSION * cfg.layer1_planes,)
     for s, num_modules in enumerate(cfg.stage_modules):
       widths = tuple(cfg.widths[:s + 2])
-      xs = Transition(prev, widths, ax, dt, conv_impl=self.conv_impl,
-                      name=f"transition{s + 1}")(xs, train)
-      xs = Stage(widths, num_modules, cfg.num_blocks, ax, dt, conv_impl=self.conv_impl,
-                 name=f"stage{s + 2}")(xs, train)
+      xs = Transition(prev, widths, **self.conv_norm(), name=f"transition{s + 1}")(xs, train)
+      xs = Stage(widths, num_modules, cfg.num_blocks, name=f"stage{s + 2}", **injected)(xs,
+                                                                                      train)
       prev = widths
     return list(xs)
 
@@ -363,3 +242,18 @@ def concat_branches(xs: Sequence[jax.Array]) -> jax.Array:
   """
   size = xs[0].shape[1:3]
   return jnp.concatenate([xs[0]] + [layers.resize_bilinear(x, size) for x in xs[1:]], axis=-1)
+
+
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(HRNetConfig))
+
+
+def build_hrnet(width: int, *, conv: ModuleDef, norm: ModuleDef, residual_out: ResidualOut,
+                **config: Any) -> HRNet:
+  """HRNetV2-W{width} (`hrnet_config(width, **config)`) with the given conv, norm and hook."""
+  return HRNet(hrnet_config(width, **config), conv=conv, norm=norm, residual_out=residual_out)
+
+
+# Official backbone names (the `network.backbone` config key).
+for _width in (18, 32, 48):
+  registry.register_backbone(f"hrnet{_width}", fields=CONFIG_FIELDS)(
+      functools.partial(build_hrnet, _width))

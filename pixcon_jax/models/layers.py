@@ -7,8 +7,8 @@ variance is updated with the *unbiased* batch variance, bilinear resize with
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,24 +19,16 @@ from jax import lax
 from pixcon_jax.models import conv as conv_lib
 
 Dtype = Any
+# An unbound module class or `functools.partial` of one, injected into the models (`conv`, `norm`).
+ModuleDef = Any
+# What becomes of the output of a residual block or branch fusion ([...] -> same): `identity`, or
+# on XLA:CPU the fusion barrier (`models.build_model` chooses).
+ResidualOut = Callable[[jax.Array], jax.Array]
 
-# He-normal over fan-out, the initialisation of the official models for convs trained from scratch.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-
-def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dilation: int = 1,
-         padding: int | None = None, use_bias: bool = False, dtype: Dtype = jnp.float32,
-         impl: str = "auto", name: str | None = None) -> conv_lib.Conv:
-  """A 2-D conv with PyTorch's symmetric padding (default `dilation * (k - 1) // 2`).
-
-  Parameters are float32 (`kernel` HWIO, `bias`); `dtype` is the compute dtype; `impl`
-  the algorithm (`models.conv.conv2d`).
-  """
-  if padding is None:
-    padding = dilation * (kernel_size - 1) // 2
-  return conv_lib.Conv(features, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                       use_bias=use_bias, impl=impl, dtype=dtype, kernel_init=conv_kernel_init,
-                       name=name)
+def identity(x: jax.Array) -> jax.Array:
+  """x unchanged: the `residual_out` of models built for GPU and TPU."""
+  return x
 
 
 class BatchNorm(nn.Module):
@@ -45,11 +37,14 @@ class BatchNorm(nn.Module):
   In training the input is normalised with the biased batch variance, and the
   running variance is updated with the unbiased one (n / (n - 1)), as
   `torch.nn.BatchNorm2d` does. With `axis_name` the statistics are averaged
-  over that mapped axis (cross-replica / SyncBatchNorm).
+  over that mapped axis (cross-replica / SyncBatchNorm); with running averages
+  (evaluation) nothing is synchronised. Models take it as `norm: ModuleDef`,
+  `functools.partial(BatchNorm, axis_name=..., dtype=...)`, and bind
+  `use_running_average=not train` where they call it.
 
   Attributes:
     use_running_average: True in evaluation (use `batch_stats`), False in training.
-    axis_name: mesh axis to synchronise statistics over, or None.
+    axis_name: mesh axis to synchronise batch statistics over (training only), or None.
     momentum: weight of the old running value (Flax convention; PyTorch 0.1 == 0.9 here).
     epsilon: added to the variance (PyTorch default 1e-5).
     dtype: compute dtype of the output; statistics are always float32.
@@ -91,51 +86,48 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-def batch_norm(*, train: bool, axis_name: str | None = None, momentum: float = 0.9,
-               dtype: Dtype = jnp.float32, name: str | None = None) -> BatchNorm:
-  """BN factory: batch statistics (synchronised over `axis_name`) in training, running ones otherwise."""
-  return BatchNorm(use_running_average=not train, axis_name=axis_name if train else None,
-                   momentum=momentum, dtype=dtype, name=name)
+class ConvNormModule(nn.Module):
+  """Base of the modules with convs and BNs: both injected, as keyword-only fields.
+
+  `models.build_model` makes them once (`registry.layer_defs`: compute dtype, conv algorithm,
+  cross-replica BN axis) and every module hands them on to its children (`conv_norm()`). The
+  defaults (native float32 conv, BN without an axis) serve modules built directly.
+
+  Attributes:
+    conv: `ModuleDef` of `conv.Conv`, called as `conv(features, kernel_size, stride=...,
+      dilation=..., use_bias=..., name=...)`.
+    norm: `ModuleDef` of `BatchNorm`, called as `norm(use_running_average=not train, name=...)`.
+  """
+  conv: ModuleDef = dataclasses.field(default=conv_lib.Conv, kw_only=True)
+  norm: ModuleDef = dataclasses.field(default=BatchNorm, kw_only=True)
+
+  def conv_norm(self) -> dict[str, ModuleDef]:
+    """This module's conv and norm, as keyword arguments of a child module."""
+    return {"conv": self.conv, "norm": self.norm}
+
+
+class ResidualModule(ConvNormModule):
+  """Base of the modules with residual blocks or branch fusions: also `residual_out`.
+
+  Attributes:
+    residual_out: applied to every residual block and fusion output: `identity`, or on
+      XLA:CPU the fusion barrier (`registry.layer_defs` decides; models never see why).
+  """
+  residual_out: ResidualOut = dataclasses.field(default=identity, kw_only=True)
+
+  def conv_norm_residual(self) -> dict[str, Any]:
+    """conv, norm and residual_out, as keyword arguments of a child module."""
+    return {**self.conv_norm(), "residual_out": self.residual_out}
 
 
 class BNReLU(nn.Module):
   """BN then ReLU, named like the official `BNReLU` (`nn.Sequential(BN, ReLU)`): BN params sit under `0`."""
-  train: bool
-  axis_name: str | None = None
-  momentum: float = 0.9
-  dtype: Dtype = jnp.float32
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = batch_norm(train=self.train, axis_name=self.axis_name, momentum=self.momentum,
-                   dtype=self.dtype, name="0")(x)
-    return nn.relu(x)
-
-
-def fusion_barrier(x: jax.Array, conv_impl: str) -> jax.Array:
-  """x, materialised for XLA:CPU: XLA may not fuse the ops before it into the ops after it.
-
-  Put on the outputs of residual blocks and branch fusions. XLA:CPU duplicates cheap
-  elementwise producers into every consumer fusion, and a residual path is one long
-  elementwise chain (BN, ReLU, sums of all previous blocks): without a barrier every backward
-  ReLU mask of an HRNet stage recomputed the forward of the whole stage, per pixel, and the
-  step ran 2x slower. XLA:CPU drops `lax.optimization_barrier` before fusion, so the barrier
-  is a conditional, which XLA never fuses across, on a predicate it cannot fold: `x[0] == x[0]`.
-  Its other branch only runs when x[0] is NaN and makes all of x NaN (a NaN loss stops the
-  run either way). One extra copy of x, about a millisecond for an HRNet-W48 feature map.
-
-  Args:
-    x: any array.
-    conv_impl: the model's resolved conv algorithm (`conv.resolve_impl`). "xla", the choice of
-      models built for GPU and TPU (which fuse well), returns x unchanged; an explicit "xla" on
-      CPU gets no barrier either: one value, set where the model is built, picks the graph.
-  Returns:
-    x (same shape and dtype).
-  """
-  if conv_impl == "xla":
-    return x
-  first = x.reshape(-1)[0]
-  return lax.cond(first == first, lambda v: v, lambda v: v * jnp.nan, x)
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """x: [..., C] -> [..., C]."""
+    return nn.relu(self.norm(use_running_average=not train, name="0")(x))
 
 
 def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,25 +13,25 @@ openseg code (the backbone of the paper's DeepLabV3 and OCR ResNet models):
 Parameter names mirror the official `state_dict` (`resinit.conv1`,
 `layer3.5.bn2`, `layer1.0.downsample.0`, ...), so a converted checkpoint is a
 plain rename. The backbone returns every stage, like the official
-`DilatedResnetBackbone.forward`: heads take layer3 (aux) and layer4.
+`DilatedResnetBackbone.forward`: heads take layer3 (aux) and layer4. The blocks are
+`models.blocks`'; conv and norm are injected.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax import lax
 
+from pixcon_jax.models import blocks
 from pixcon_jax.models import layers
-
-Dtype = Any
+from pixcon_jax.models import registry
 
 # Blocks per stage of the Bottleneck ResNets.
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-EXPANSION = 4
+EXPANSION = blocks.EXPANSION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,138 +87,25 @@ def dilation_plan(stage_depths: Sequence[int], output_stride: int = 8,
   return tuple(plan)
 
 
-def avg_pool_ceil(x: jax.Array, window: int) -> jax.Array:
-  """`AvgPool2d(window, window, ceil_mode=True, count_include_pad=False)` on [B, H, W, C].
-
-  A partial last window averages only the pixels it covers, so odd sizes give
-  ceil(H / window) outputs, the same grid as the strided 3x3 conv beside it.
-  """
-  h, w = x.shape[1:3]
-  pads = ((0, 0), (0, -h % window), (0, -w % window), (0, 0))
-  dims, strides = (1, window, window, 1), (1, window, window, 1)
-  total = lax.reduce_window(x.astype(jnp.float32), 0.0, lax.add, dims, strides, pads)
-  ones = jnp.ones((1, h, w, 1), jnp.float32)
-  count = lax.reduce_window(ones, 0.0, lax.add, dims, strides, pads)
-  return (total / count).astype(x.dtype)
-
-
-class Stem(nn.Module):
+class Stem(layers.ConvNormModule):
   """The deep-base stem `resinit`: conv-BN-ReLU x3, the first with stride 2.
 
   Attributes:
     width: channels of conv1/conv2; conv3 has 2 * width (official 64 -> 128).
   """
   width: int = 64
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [B, H, W, 3] -> [B, ceil(H/2), ceil(W/2), 2 * width]."""
     widths = (self.width, self.width, 2 * self.width)
     for i, (features, stride) in enumerate(zip(widths, (2, 1, 1)), start=1):
-      x = layers.conv(features, 3, stride=stride, dtype=self.dtype, impl=self.conv_impl,
-                      name=f"conv{i}")(x)
-      x = layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                            name=f"bn{i}")(x)
-      x = nn.relu(x)
+      x = self.conv(features, 3, stride=stride, name=f"conv{i}")(x)
+      x = nn.relu(self.norm(use_running_average=not train, name=f"bn{i}")(x))
     return x
 
 
-class Downsample(nn.Module):
-  """The projection shortcut of a block 0, named like the official `nn.Sequential`.
-
-  Plain (official): `0` = 1x1 conv with the block's stride, `1` = BN.
-  ResNet-D (`avg_down`): `0` = 2x2 average pool (only when strided, no
-  parameters), `1` = 1x1 conv with stride 1, `2` = BN. Averaging instead of
-  sampling every other pixel keeps the information of the skipped pixels,
-  which helps when training from scratch (Bag of Tricks, He et al. 2019).
-  """
-  features: int
-  stride: int = 1
-  avg_down: bool = False
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), features]."""
-    if self.avg_down:
-      if self.stride > 1:
-        x = avg_pool_ceil(x, self.stride)
-      x = layers.conv(self.features, 1, dtype=self.dtype, impl=self.conv_impl, name="1")(x)
-      bn_name = "2"
-    else:
-      x = layers.conv(self.features, 1, stride=self.stride, dtype=self.dtype, impl=self.conv_impl,
-                      name="0")(x)
-      bn_name = "1"
-    return layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                             name=bn_name)(x)
-
-
-class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels) with a residual connection.
-
-  Attributes:
-    planes: bottleneck width; the output has `4 * planes` channels.
-    stride: stride of the 3x3 conv (and of the shortcut).
-    dilation: dilation of the 3x3 conv; its padding equals the dilation.
-    downsample: whether the shortcut is a projection (`Downsample`).
-    avg_down: ResNet-D projection shortcut.
-  """
-  planes: int
-  stride: int = 1
-  dilation: int = 1
-  downsample: bool = False
-  avg_down: bool = False
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), 4 * planes]."""
-    def bn(name: str) -> layers.BatchNorm:
-      return layers.batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                               name=name)
-
-    y = nn.relu(bn("bn1")(layers.conv(self.planes, 1, dtype=self.dtype, impl=self.conv_impl,
-                                      name="conv1")(x)))
-    y = layers.conv(self.planes, 3, stride=self.stride, dilation=self.dilation,
-                    dtype=self.dtype, impl=self.conv_impl, name="conv2")(y)
-    y = nn.relu(bn("bn2")(y))
-    y = bn("bn3")(layers.conv(self.planes * EXPANSION, 1, dtype=self.dtype, impl=self.conv_impl,
-                              name="conv3")(y))
-    if self.downsample:
-      x = Downsample(self.planes * EXPANSION, self.stride, self.avg_down, self.bn_axis_name,
-                     self.dtype, conv_impl=self.conv_impl, name="downsample")(x, train)
-    return layers.fusion_barrier(nn.relu(y + x), self.conv_impl)
-
-
-class ResLayer(nn.Module):
-  """One stage (`layerN`): blocks named "0", "1", ... as in the official `nn.Sequential`."""
-  planes: int
-  plan: StagePlan
-  avg_down: bool = False
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), 4 * planes]."""
-    for i, dilation in enumerate(self.plan.dilations):
-      stride = self.plan.stride if i == 0 else 1
-      # As in the official `_make_layer`: a projection whenever the shape changes.
-      project = i == 0 and (self.plan.stride != 1 or x.shape[-1] != self.planes * EXPANSION)
-      x = Bottleneck(self.planes, stride, dilation, project, self.avg_down, self.bn_axis_name,
-                     self.dtype, conv_impl=self.conv_impl, name=str(i))(x, train)
-    return x
-
-
-class ResNet(nn.Module):
+class ResNet(layers.ResidualModule):
   """Deep-base dilated ResNet backbone.
 
   Attributes:
@@ -231,8 +118,8 @@ class ResNet(nn.Module):
     output_stride: 8 (official), 16 or 32.
     multi_grid: per-block rates of layer4 (official config `[1, 1, 1]`).
     avg_down: ResNet-D shortcuts (changes the shortcut parameter names).
-    bn_axis_name: mesh axis for cross-replica BN in training.
-    dtype: compute dtype; parameters and BN statistics stay float32.
+    conv, norm: the conv and BN `ModuleDef`s (dtype, algorithm, cross-replica axis).
+    residual_out: applied to every block output (`blocks`).
   """
   depth: int = 101
   stage_depths: Sequence[int] | None = None
@@ -241,9 +128,6 @@ class ResNet(nn.Module):
   output_stride: int = 8
   multi_grid: Sequence[float] | None = None
   avg_down: bool = False
-  bn_axis_name: str | None = None
-  dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   def _stage_depths(self) -> tuple[int, ...]:
     if self.stage_depths is not None:
@@ -260,13 +144,9 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> list[jax.Array]:
-    """Runs the backbone.
+    """image [B, H, W, 3] -> six feature maps (BN on batch statistics if `train`).
 
-    Args:
-      image: [B, H, W, 3].
-      train: BN uses batch statistics (and updates `batch_stats`) if True.
-    Returns:
-      Six feature maps in `dtype`, like the official backbone tuple:
+    The maps are in the compute dtype, like the official backbone tuple:
       stem [B, H/2, W/2, 2*stem_width], max-pool [B, H/4, W/4, .],
       layer1 [B, H/4, W/4, 4*width], layer2 [B, H/8, W/8, 8*width],
       layer3 and layer4 at stride 8, 16 or 32 by `output_stride`
@@ -274,14 +154,20 @@ class ResNet(nn.Module):
       Every "/k" rounds up (ceil-mode pool, symmetric padding).
     """
     plan = dilation_plan(self._stage_depths(), self.output_stride, self.multi_grid)
-    x = image.astype(self.dtype)
-    x = Stem(self.stem_width, self.bn_axis_name, self.dtype, conv_impl=self.conv_impl,
-             name="resinit")(x, train)
+    x = Stem(self.stem_width, **self.conv_norm(), name="resinit")(image, train)
     outputs = [x]
     x = layers.max_pool_ceil(x, 3, 2, 1)
     outputs.append(x)
+    block = functools.partial(blocks.Bottleneck, avg_down=self.avg_down)
     for i, stage in enumerate(plan):
-      x = ResLayer(self.width * 2**i, stage, self.avg_down, self.bn_axis_name, self.dtype,
-                   conv_impl=self.conv_impl, name=f"layer{i + 1}")(x, train)
+      x = blocks.ResidualStack(block, self.width * 2**i, stage.dilations, stage.stride,
+                               **self.conv_norm_residual(),
+                               name=f"layer{i + 1}")(x, train)
       outputs.append(x)
     return outputs
+
+
+# The official backbone of the paper's DeepLabV3 and OCR ResNet models: the defaults of ResNet.
+registry.register_backbone("deepbase_resnet101_dilated8", fields=(
+    "depth", "stage_depths", "width", "stem_width", "output_stride", "multi_grid", "avg_down"))(
+        ResNet)

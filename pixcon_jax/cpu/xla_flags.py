@@ -10,7 +10,7 @@ step took 7.0 s. `scripts/bench_train.py --noeigen_dots` measures the default.
 
 XLA reads XLA_FLAGS once, when the first backend starts, so `use_eigen_dots` runs before
 that; `eigen_dot_flags` is the pure decision. Both this flag and the huge-page restart
-(`host_memory.py`) engage only when the run computes on the CPU (`runs_on_cpu`): a GPU or TPU
+(`cpu.host_memory`) engage only when the run computes on the CPU (`runs_on_cpu`): a GPU or TPU
 host keeps its XLA_FLAGS and its process, since an XLA build that does not know the flag
 aborts, and host malloc is not where an accelerator step keeps its memory.
 """

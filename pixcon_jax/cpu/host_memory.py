@@ -17,7 +17,7 @@ import platform
 import sys
 from typing import Mapping, Sequence
 
-from pixcon_jax import xla_cpu
+from pixcon_jax.cpu import xla_flags
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -51,18 +51,18 @@ def hugepage_environment(environ: Mapping[str, str], *, glibc: tuple[int, ...] |
     environ: the current environment.
     glibc: (major, minor) of the C library, None if it is not glibc.
     thp_setting: contents of /sys/kernel/mm/transparent_hugepage/enabled ("" if absent).
-    accelerator_plugins: `xla_cpu.installed_accelerator_plugins()`.
+    accelerator_plugins: `xla_flags.installed_accelerator_plugins()`.
   Returns:
     `environ` plus `GLIBC_TUNABLES=...:glibc.malloc.hugetlb=1`, or None when that would not
     help or was decided already: not glibc >= 2.35, huge pages disabled ("[never]"), a run
-    that is not on the CPU (`xla_cpu.runs_on_cpu`: a GPU or TPU host is never restarted), or
+    that is not on the CPU (`xla_flags.runs_on_cpu`: a GPU or TPU host is never restarted), or
     GLIBC_TUNABLES already naming the tunable (set it to 0 there to opt out).
   """
   if glibc is None or glibc < MIN_GLIBC:
     return None
   if not thp_setting or "[never]" in thp_setting:
     return None
-  if not xla_cpu.runs_on_cpu(environ, accelerator_plugins):
+  if not xla_flags.runs_on_cpu(environ, accelerator_plugins):
     return None
   tunables = environ.get("GLIBC_TUNABLES", "")
   if TUNABLE in tunables:
@@ -84,7 +84,7 @@ def reexec_with_hugepages(command: Sequence[str]) -> None:
   if not sys.platform.startswith("linux"):
     return
   env = hugepage_environment(os.environ, glibc=_glibc_version(), thp_setting=_thp_setting(),
-                             accelerator_plugins=xla_cpu.installed_accelerator_plugins())
+                             accelerator_plugins=xla_flags.installed_accelerator_plugins())
   if env is None:
     return
   sys.stdout.flush()

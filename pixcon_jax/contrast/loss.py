@@ -74,7 +74,7 @@ each device does its share, and only anchors and per-anchor reductions cross dev
 At paper settings the collectives are ~3 MB per device per step on 1 or 8 devices, against
 2 x 33.5 MB per image for all-gathering the embedding maps, and the FLOPs per device on 8 devices
 are 0.13 of one device's (`scripts/bench_contrast.py`, `contrast_collective_bytes_*`,
-`contrast_flops_per_device_*`). tests/test_contrast_distributed.py checks 8 devices == 1.
+`contrast_flops_per_device_*`). tests/test_contrast_pod.py checks 8 devices == 1.
 
 Measured at paper settings (scripts/bench_contrast.py, CPU): see the JSON it prints
 (`temp_bytes`, `flops`, `contrast_flop_share`).
@@ -308,19 +308,6 @@ def _pool_slice(index: jax.Array, ok: jax.Array, axis_name: AxisName
   return take(index), take(ok), start + jnp.arange(share, dtype=jnp.int32)
 
 
-def _image_pools(valid: jax.Array, size: int, rng: jax.Array, positions: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-  """`size` pool entries per image, image i drawn with fold_in(rng, positions[i]).
-
-  Args:
-    valid: [b, ..., p] bool, the entries of each image that may be drawn.
-  Returns:
-    index [b, ..., min(size, p)] into the image's p entries, ok (same shape).
-  """
-  draw = lambda v, pos: sampling.sample_pool(v, size, jax.random.fold_in(rng, pos))
-  return jax.vmap(draw)(valid, positions)
-
-
 def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Array | None,
                         image_id: jax.Array, memory: MemoryBank | None, rng: jax.Array, *,
                         settings: ContrastSettings, hard_fraction: jax.Array | None = None,
@@ -402,15 +389,17 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
   if batch_pos:
     # Positives from the batch: pixels of class c (gathered once; gradients flow into them).
     is_class = pixel_ok[:, None, :] & (label[:, None, :] == classes[None, :, None])  # [b, C, hw]
-    idx, ok = _image_pools(is_class, per_image_pos, rng_bp, positions)  # [b, C, q]
+    idx, ok = sampling.per_image(lambda key, v: sampling.sample_pool(v, per_image_pos, key),
+                                 rng_bp, positions, is_class)  # [b, C, q]
     q = idx.shape[-1]
     column = positions[:, None] * q + jnp.arange(q)  # [b, q]
     flat = lambda x: jnp.moveaxis(x, 0, 1).reshape(num_classes, b * q)  # [b, C, q] -> [C, b q]
     idx = flat(idx + (jnp.arange(b) * hw)[:, None, None])
-    xs.update(bp=emb[idx], bp_pixel=pixel[idx], bp_valid=flat(ok), bp_image=image[idx],
-              bp_column=jnp.broadcast_to(column.reshape(-1), (num_classes, b * q)))
+    xs.update(bp=emb[idx], bp_pixel=pixel[idx], bp_valid=flat(ok), bp_image=image[idx])
+    consts.update(bp_column=column.reshape(-1))  # the same ids for every class
   if batch_neg:
-    idx, ok = _image_pools(pixel_ok, per_image_neg, rng_bn, positions)  # [b, q]
+    idx, ok = sampling.per_image(lambda key, v: sampling.sample_pool(v, per_image_neg, key),
+                                 rng_bn, positions, pixel_ok)  # [b, q]
     q = idx.shape[-1]
     column = (positions[:, None] * q + jnp.arange(q)).reshape(-1)
     idx = (idx + (jnp.arange(b) * hw)[:, None]).reshape(-1)
@@ -432,8 +421,8 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
       idx, ok = sampling.sample_pool(row_valid, mem_pos, rng_mp)
       memory_weight["mp"] = _pool_weight(row_valid, ok)
       idx, ok, at = _pool_slice(idx, ok, axis_name)
-      xs.update(mp_slot=idx, mp_valid=ok, mp_column=jnp.broadcast_to(
-          batch_columns_pos + at, idx.shape))
+      xs.update(mp_slot=idx, mp_valid=ok)
+      consts.update(mp_column=batch_columns_pos + at)
     if mem_neg:
       # Negatives from memory: one pool over all classes' valid entries.
       idx, ok = sampling.sample_pool(row_valid.reshape(-1), mem_neg, rng_mn)
@@ -487,12 +476,12 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
       if intra:
         ok &= x["bp_image"][None, :] == x["anchor_image"][:, None]
       pos_ok.append(ok)
-      pos_column.append(x["bp_column"])
+      pos_column.append(consts["bp_column"])
     if "mp_slot" in x:
       keys = _gather_union(memory, x["cls"], x["mp_slot"], use_pixel, use_region, dtype)
       pos_sim.append(a @ keys.T)
       pos_ok.append(jnp.broadcast_to(x["mp_valid"][None, :], pos_sim[-1].shape))
-      pos_column.append(x["mp_column"])
+      pos_column.append(consts["mp_column"])
     if "bn_sim" in x:
       neg_sim.append(x["bn_sim"])
       ok = (consts["bn_valid"] & (consts["bn_label"] != x["cls"]))[None, :]

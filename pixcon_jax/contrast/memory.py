@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pixcon_jax.contrast import sampling
+
 
 RegionMode = Literal["indexed", "fifo"]
 
@@ -185,8 +187,8 @@ def sample_keys(embedding: jax.Array, label: jax.Array, image_id: jax.Array, rng
   classes = jnp.arange(num_classes, dtype=label.dtype)
   is_class = (label[:, None, :] == classes[None, :, None]) & (label[:, None, :] != ignore_label)
   # [B, C, hw]: V pixels per class and image, uniformly without replacement.
-  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch_offset + jnp.arange(b))
-  score = jax.vmap(lambda k: jax.random.uniform(k, (num_classes, h * w)))(keys)
+  score = sampling.per_image(lambda key: jax.random.uniform(key, (num_classes, h * w)), rng,
+                             batch_offset + jnp.arange(b))
   score = jnp.where(is_class, score, -jnp.inf)
   v = min(pixels_per_class, h * w)
   top, index = lax.top_k(score, v)

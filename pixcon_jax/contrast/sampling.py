@@ -168,9 +168,25 @@ def global_top_k(score: jax.Array, valid: jax.Array, k: int, *,
   return index.astype(jnp.int32), owned, ok
 
 
+def per_image(draw, rng: jax.Array, positions: jax.Array, *arrays: jax.Array):
+  """`draw(key_i, *arrays_i)` for every image i, with key_i = fold_in(rng, positions[i]).
+
+  An image's draws depend on its position in the global mini-batch only, so they are the same
+  whichever device holds the image.
+
+  Args:
+    draw: function of a key and one image's slices of `arrays`.
+    positions: [b] int, the images' positions in the global mini-batch.
+    arrays: [b, ...] per-image inputs.
+  Returns:
+    draw's outputs stacked over the b images.
+  """
+  return jax.vmap(lambda pos, *a: draw(jax.random.fold_in(rng, pos), *a))(positions, *arrays)
+
+
 def _image_uniforms(rng: jax.Array, positions: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """[b, *shape] uniforms, image i drawn from fold_in(rng, positions[i]) (device-count invariant)."""
-  return jax.vmap(lambda pos: jax.random.uniform(jax.random.fold_in(rng, pos), shape))(positions)
+  return per_image(lambda key: jax.random.uniform(key, shape), rng, positions)
 
 
 def sample_anchors(label: jax.Array, predict: jax.Array | None, rng: jax.Array, *,

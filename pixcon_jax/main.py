@@ -42,10 +42,10 @@ flags.DEFINE_bool("hugepages", True,
                   "Restart with glibc's malloc on transparent huge pages (GLIBC_TUNABLES="
                   "glibc.malloc.hugetlb=1) unless already set: XLA:CPU's per-step temporaries "
                   "otherwise page-fault anew every step. See pixcon_jax/cpu/host_memory.py.")
-flags.DEFINE_bool("eigen_dots", True,
-                  "Run XLA:CPU's matrix products on Eigen instead of YNNPACK (faster for this "
-                  "project's shapes) unless XLA_FLAGS sets the YNNPACK fusion types. See "
-                  "pixcon_jax/cpu/xla_flags.py.")
+flags.DEFINE_bool("tune_xla_cpu", True,
+                  "On the CPU, run XLA's matrix products on Eigen instead of YNNPACK and schedule "
+                  "its thunks in memory order (faster for this project's step), unless XLA_FLAGS "
+                  "sets those flags. See pixcon_jax/cpu/xla_flags.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -138,8 +138,8 @@ def main(argv: list[str]) -> None:
   """Validates the config, then runs its mode; bad input and early stops end in one line."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.eigen_dots:
-    xla_flags.use_eigen_dots()  # In os.environ, so that the huge-page restart keeps it.
+  if FLAGS.tune_xla_cpu:
+    xla_flags.use_tuned_flags()  # In os.environ, so that the huge-page restart keeps it.
   log_filters.quiet_resource_tracker(os.environ)
   if FLAGS.hugepages:
     # Before any backend starts: the process is replaced by the same command.

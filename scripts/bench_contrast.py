@@ -285,14 +285,14 @@ def main(argv=None):
   parser.add_argument("--pod_worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--no_hugepages", action="store_true",
                       help="keep glibc's default malloc (see pixcon_jax/cpu/host_memory.py)")
-  parser.add_argument("--no_eigen_dots", action="store_true",
-                      help="keep XLA:CPU's YNNPACK dots (see pixcon_jax/cpu/xla_flags.py)")
+  parser.add_argument("--no_tune_xla_cpu", action="store_true",
+                      help="keep XLA:CPU's YNNPACK dots and default schedule (pixcon_jax/cpu/xla_flags.py)")
   flags = parser.parse_args(argv)
   if flags.pod_worker:
     print(json.dumps(pod_scaling()))
     return
-  if not flags.no_eigen_dots:
-    xla_flags.use_eigen_dots()
+  if not flags.no_tune_xla_cpu:
+    xla_flags.use_tuned_flags()
   if not flags.no_hugepages:
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   result = {"backend": jax.default_backend(),

@@ -1,15 +1,28 @@
-"""Benchmarks the train step: CE only vs CE + pixel contrast (paper settings, with memory).
+"""Benchmarks the train step: CE only, the official recipe's contrast and the paper recipe's.
 
-Both variants are compiled first, then their steps alternate (CE, contrast, CE, ...) so that
-a shared machine's drift weighs on both alike. Prints one JSON line: compile seconds, median
-step seconds after warm-up for both, their ratio (the contrast overhead), XLA's FLOP count of
-each compiled step and their ratio, and peak memory (XLA's buffer assignment of the compiled
-step, plus the process's max RSS).
+Three variants, all compiled first, then their steps alternate (CE, official, paper, CE, ...) so
+that a shared machine's drift weighs on all alike:
+  ce        CE only (the `*_contrast` model still runs its projection head forward, for the
+            embedding-health metrics, as the official model does in every forward pass);
+  official  CE + 0.1 x the official recipe's in-batch contrast (`--arg=official`, after its
+            warm-up): like for like with the official PyTorch step;
+  paper     CE + the paper recipe's contrast (pixel and region memory, K = 1024 / 2048; a full
+            memory bank, as in training once the bank fills).
+Prints one JSON line: per variant the compile seconds, median step seconds after warm-up, XLA's
+FLOPs of the compiled step and peak memory; then each contrast variant's overheads over CE, in
+time and in FLOPs, and `overhead_over_flop_overhead` (time overhead / FLOP overhead) of the
+paper recipe: 1.0 means the contrast's work runs at the rate of the rest of the step.
+
+FLOPs: XLA counts a while loop's body once, so the paper loss's class loop is under-counted in the
+step that runs; the FLOPs of each contrast variant are read from a second compile of the same
+step with the class loop unrolled (`contrast.unroll`; `flops_loop_body_once` keeps the rolled
+count). Loops of unknown trip count (the bisections of the mining's top-k) still count once.
 
 With `--official_repo` (a checkout of tfzhou/ContrastiveSeg) and `--torch_python` (an
 interpreter with PyTorch), the official PyTorch step is timed first, on the same machine and
-settings (`scripts/bench_official_torch.py`), and the line also holds its times and our
-speed-up over it (`*_speedup_vs_official`, > 1 when ours is faster).
+settings (`scripts/bench_official_torch.py`), and the line also holds its times and our speed-up
+over it like for like (`like_for_like`: CE vs its CE, our official recipe vs its contrast step;
+> 1 when ours is faster), and the paper recipe's against its contrast step.
 
   python scripts/bench_train.py                      # hrnet_w48_contrast, 2 x 256x512, float32
   python scripts/bench_train.py --official_repo=../ContrastiveSeg --torch_python=/venv/bin/python
@@ -41,15 +54,21 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.register_validator("steps", lambda n: n >= 1, "--steps must be >= 1 (the median needs a time)")
 flags.register_validator("warmup", lambda n: n >= 0, "--warmup must be >= 0")
 flags.DEFINE_string("arg", None, "get_config arg (e.g. 'runlocal' for a smoke run).")
-flags.DEFINE_list("variants", ["ce", "contrast"], "Which variants to time.")
-flags.register_validator("variants", lambda v: bool(v) and set(v) <= {"ce", "contrast"},
-                         "--variants must be a non-empty list of ce, contrast")
+VARIANTS = ("ce", "official", "paper")
+JSON_KEYS = {"ce": "ce", "official": "official_recipe", "paper": "paper_recipe"}
+flags.DEFINE_list("variants", list(VARIANTS), "Which variants to time: ce (CE only), official "
+                  "(the official recipe's contrast), paper (the paper recipe's contrast).")
+flags.register_validator("variants", lambda v: bool(v) and set(v) <= set(VARIANTS),
+                         "--variants must be a non-empty list of ce, official, paper")
+flags.DEFINE_bool("count_unrolled", True, "Count each contrast variant's FLOPs on a second "
+                  "compile with the loss's class loop unrolled (XLA counts a loop body once).")
 flags.DEFINE_string("conv_impl", "auto", "config.model.conv_impl: auto | xla | matmul | winograd.")
 flags.DEFINE_string("official_repo", None, "Checkout of tfzhou/ContrastiveSeg to time as baseline.")
 flags.DEFINE_string("torch_python", None, "Python interpreter with PyTorch for the baseline.")
 flags.DEFINE_bool("hugepages", True, "Restart with glibc's malloc on transparent huge pages, as "
                   "`python -m pixcon_jax.main` does (pixcon_jax/cpu/host_memory.py).")
-flags.DEFINE_bool("eigen_dots", True, "Run XLA:CPU's dots on Eigen instead of YNNPACK, as "
+flags.DEFINE_bool("tune_xla_cpu", True, "Run XLA:CPU's dots on Eigen and its thunks in memory "
+                  "order, as "
                   "`python -m pixcon_jax.main` does (pixcon_jax/cpu/xla_flags.py).")
 flags.DEFINE_bool("full_memory", True, "Time the contrast step with a full memory bank (random "
                   "unit keys), as in training after the bank fills, not the empty initial one.")
@@ -58,10 +77,13 @@ FLAGS = flags.FLAGS
 
 def bench_official(h: int, w: int) -> dict:
   """Runs scripts/bench_official_torch.py in a subprocess and returns its JSON line."""
+  # Its CE step is the baseline of ours, its contrast step that of both our recipes.
+  official_variants = (["ce"] if "ce" in FLAGS.variants else []) + (
+      ["contrast"] if {"official", "paper"} & set(FLAGS.variants) else [])
   cmd = [FLAGS.torch_python or sys.executable, str(REPO / "scripts" / "bench_official_torch.py"),
          f"--official_repo={FLAGS.official_repo}", f"--batch={FLAGS.batch}",
          "--crop", str(h), str(w), f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
-         f"--variants={','.join(FLAGS.variants)}"]
+         f"--variants={','.join(official_variants)}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
@@ -86,21 +108,48 @@ def _full_memory(memory, replicated):
       region_valid=jax.device_put(jnp.ones_like(memory.region_valid), replicated))
 
 
-def prepare(config, contrast: bool):
+def variant_config(variant: str):
+  """The config of one variant: `--config` with `--arg` (plus 'official' for the official
+  recipe) and the bench's flags."""
+  words = [w for w in (FLAGS.arg or "").split(",") if w]
+  if variant == "official":
+    words.append("official")
+  config = importlib.import_module(f"configs.{FLAGS.config}").get_config(",".join(words) or None)
+  config.model.name = FLAGS.model
+  config.model.dtype = FLAGS.dtype
+  config.model.conv_impl = FLAGS.conv_impl
+  config.data.batch_size = FLAGS.batch
+  config.data.crop_size = tuple(int(v) for v in FLAGS.crop)
+  config.contrast.enabled = variant != "ce"
+  # The official step is timed after its warm-up (lambda = 0.1); ours computes the loss during
+  # the warm-up too (times lambda = 0), but a step past it is what is compared.
+  config.contrast.warmup_steps = 0
+  return config
+
+
+def compile_step(config, exp, state, batch):
+  """(compiled step, compile seconds)."""
+  from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  step = ts.make_train_step(config, exp.train_model, exp.tx, exp.mesh)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def prepare(variant: str):
   """Compiles one variant's step; returns (compiled, state, batch, report without times)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  config.contrast.enabled = contrast
+  config = variant_config(variant)
   exp = setup.for_training(config)
   h, w = config.data.crop_size
   state = ts.create_train_state(
       config, exp.train_model, exp.tx, exp.mesh, image_shape=(h, w, 3),
       num_classes=config.model.num_classes, num_train_images=exp.num_train_images,
       rng=jax.random.PRNGKey(0))
-  if contrast and FLAGS.full_memory and state.memory is not None:
+  if FLAGS.full_memory and state.memory is not None:
     # The mining's top_k costs more on valid entries than on masked ones: time the steady state.
     state = state.replace(memory=_full_memory(state.memory, sharding.replicated(exp.mesh)))
   rng = np.random.default_rng(0)
@@ -109,19 +158,19 @@ def prepare(config, contrast: bool):
       "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
       "label": rng.integers(0, config.model.num_classes, (b, h, w)).astype(np.int32),
       "image_id": np.arange(b, dtype=np.int32)}, exp.mesh)
-  step = ts.make_train_step(config, exp.train_model, exp.tx, exp.mesh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, compile_s = compile_step(config, exp, state, batch)
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
     peak = int(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
                + getattr(mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0))
-  # XLA counts a while loop's body once: the contrast loss's class loop is under-counted, the
-  # networks (projection head included) are not.
   report = {"compile_s": round(compile_s, 2), "xla_peak_bytes": peak,
             "xla_flops": xla_cost.flops(compiled)}
+  if variant == "paper" and FLAGS.count_unrolled:
+    # XLA counts a while loop's body once: count the paper loss's class loop on an unrolled copy.
+    config.contrast.unroll = True
+    unrolled, _ = compile_step(config, exp, state, batch)
+    report.update(xla_flops=xla_cost.flops(unrolled), xla_flops_loop_body_once=report["xla_flops"])
   return compiled, state, batch, report
 
 
@@ -148,22 +197,55 @@ def time_interleaved(runs: dict) -> dict:
               "loss": float(metrics[v]["loss"])} for v in runs}
 
 
+def overheads(results: dict) -> dict:
+  """Each contrast variant's overhead over CE, in step time and in XLA FLOPs, and their ratio."""
+  out = {}
+  if "ce" not in results:
+    return out
+  ce = results["ce"]
+  for variant in ("official", "paper"):
+    if variant in results:
+      r = results[variant]
+      time_overhead = r["step_s"] / ce["step_s"] - 1
+      flop_overhead = r["xla_flops"] / ce["xla_flops"] - 1
+      out[f"{JSON_KEYS[variant]}_overhead"] = {
+          "time": round(time_overhead, 4), "flops": round(flop_overhead, 4),
+          "overhead_over_flop_overhead": round(time_overhead / flop_overhead, 3)
+                                         if flop_overhead > 0 else None}
+  if "paper" in results:
+    out["overhead_over_flop_overhead"] = out["paper_recipe_overhead"][
+        "overhead_over_flop_overhead"]
+  return out
+
+
+def against_official(results: dict, official: dict) -> dict:
+  """Speed-ups over the official PyTorch step (> 1 when ours is faster)."""
+  speedup = lambda ours, theirs: round(official[theirs]["step_s"] / results[ours]["step_s"], 3)
+  like = {}
+  if "ce" in results and "ce" in official:
+    like["ce_speedup_vs_official"] = speedup("ce", "ce")
+  if "official" in results and "contrast" in official:
+    like["contrast_speedup_vs_official"] = speedup("official", "contrast")
+  out = {"like_for_like": like}
+  if "paper" in results and "contrast" in official:
+    out["paper_contrast_speedup_vs_official"] = speedup("paper", "contrast")
+  return out
+
+
 def main(argv):
   del argv
-  if FLAGS.eigen_dots:
+  if "official" in (FLAGS.arg or "").split(","):
+    raise SystemExit("--arg must not contain 'official': the variant 'official' is the official "
+                     "recipe and 'paper' the paper's (--variants)")
+  if FLAGS.tune_xla_cpu:
     from pixcon_jax.cpu import xla_flags  # pylint: disable=g-import-not-at-top
-    xla_flags.use_eigen_dots()
+    xla_flags.use_tuned_flags()
   if FLAGS.hugepages:
     from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   import jax  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f"configs.{FLAGS.config}").get_config(FLAGS.arg)
-  config.model.name = FLAGS.model
-  config.model.dtype = FLAGS.dtype
-  config.model.conv_impl = FLAGS.conv_impl
-  config.data.batch_size = FLAGS.batch
-  config.data.crop_size = tuple(int(v) for v in FLAGS.crop)
-  out = {"model": FLAGS.model, "batch": FLAGS.batch, "crop": list(config.data.crop_size),
+  crop = [int(v) for v in FLAGS.crop]
+  out = {"model": FLAGS.model, "batch": FLAGS.batch, "crop": crop,
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
          "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "dtype": FLAGS.dtype, "conv_impl": FLAGS.conv_impl, "devices": jax.device_count(),
@@ -175,20 +257,14 @@ def main(argv):
                      f"--model={FLAGS.model}")
   if FLAGS.official_repo:
     # First, so that both run on the same (otherwise idle) machine one after the other.
-    official = bench_official(*config.data.crop_size)
-    out["official"] = official
-  runs = {v: prepare(config, contrast=v == "contrast") for v in FLAGS.variants}
+    official = bench_official(*crop)
+    out["official_pytorch"] = official
+  runs = {v: prepare(v) for v in VARIANTS if v in FLAGS.variants}
   results = time_interleaved(runs)
-  out.update(results)
-  if "ce" in results and "contrast" in results:
-    out["contrast_over_ce"] = round(results["contrast"]["step_s"] / results["ce"]["step_s"], 4)
-    out["contrast_overhead_pct"] = round(100 * (out["contrast_over_ce"] - 1), 2)
-    out["contrast_flops_over_ce"] = round(results["contrast"]["xla_flops"] /
-                                          results["ce"]["xla_flops"], 4)
+  out.update({JSON_KEYS[v]: r for v, r in results.items()})
+  out.update(overheads(results))
   if official:
-    for variant in results:
-      out[f"{variant}_speedup_vs_official"] = round(
-          official[variant]["step_s"] / results[variant]["step_s"], 3)
+    out.update(against_official(results, official))
   out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(out), flush=True)
 

@@ -54,7 +54,7 @@ def _logged_environment(stderr: str) -> tuple[str, str]:
   return m.group(1), m.group(2).strip()
 
 
-def test_restarts_itself_with_huge_pages_for_malloc_and_eigen_dots(tmp_path):
+def test_restarts_itself_with_huge_pages_for_malloc_and_tuned_xla_flags(tmp_path):
   from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
   from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -66,27 +66,36 @@ def test_restarts_itself_with_huge_pages_for_malloc_and_eigen_dots(tmp_path):
   expect = want["GLIBC_TUNABLES"] if want else ""  # this machine decides which one
   tunables, xla_flags = _logged_environment(p.stderr)
   assert tunables == expect
-  # The dots flag survives the huge-page restart (set in os.environ before it).
-  assert xla_flags.split().count(xla_cpu.EIGEN_DOTS) == 1, xla_flags
+  # The tuned flags survive the huge-page restart (set in os.environ before it).
+  for flag in xla_cpu.TUNED:
+    assert xla_flags.split().count(flag) == 1, xla_flags
   p = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}", "--config.mode=bogus",
-            "--nohugepages", "--noeigen_dots")
+            "--nohugepages", "--notune_xla_cpu")
   tunables, xla_flags = _logged_environment(p.stderr)
   assert tunables == "" and xla_cpu.YNN_FUSION_FLAG not in xla_flags
+  assert xla_cpu.SCHEDULER_FLAG not in xla_flags
 
 
-def test_eigen_dot_flag_decisions(monkeypatch):
+def test_tuned_flag_decisions(monkeypatch):
   from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
-  assert xla_cpu.eigen_dot_flags({}) == xla_cpu.EIGEN_DOTS
-  assert xla_cpu.eigen_dot_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                                  "JAX_PLATFORMS": "cpu"}) == (
-                                      "--xla_force_host_platform_device_count=8 "
-                                      + xla_cpu.EIGEN_DOTS)
-  for environ in ({"XLA_FLAGS": f"{xla_cpu.YNN_FUSION_FLAG}="},  # the user's own choice
-                  {"XLA_FLAGS": xla_cpu.EIGEN_DOTS},  # decided already
+  both = f"{xla_cpu.EIGEN_DOTS} {xla_cpu.SEQUENTIAL_SCHEDULE}"
+  assert xla_cpu.tuned_flags({}) == both
+  assert xla_cpu.tuned_flags({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                              "JAX_PLATFORMS": "cpu"}) == (
+                                  "--xla_force_host_platform_device_count=8 " + both)
+  # A flag the user set is theirs; the other one is still added.
+  user_dots = f"{xla_cpu.YNN_FUSION_FLAG}="
+  assert xla_cpu.tuned_flags({"XLA_FLAGS": user_dots}) == (
+      f"{user_dots} {xla_cpu.SEQUENTIAL_SCHEDULE}")
+  user_schedule = f"{xla_cpu.SCHEDULER_FLAG}=true"
+  assert xla_cpu.tuned_flags({"XLA_FLAGS": user_schedule}) == (
+      f"{user_schedule} {xla_cpu.EIGEN_DOTS}")
+  for environ in ({"XLA_FLAGS": f"{user_dots} {user_schedule}"},  # the user's own choices
+                  {"XLA_FLAGS": both},  # decided already
                   {"JAX_PLATFORMS": "tpu"}):  # no CPU compiles
-    assert xla_cpu.eigen_dot_flags(environ) is None, environ
-  environ = {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
-  assert not xla_cpu.use_eigen_dots(environ) and environ == {"XLA_FLAGS": xla_cpu.EIGEN_DOTS}
+    assert xla_cpu.tuned_flags(environ) is None, environ
+  environ = {"XLA_FLAGS": both}
+  assert not xla_cpu.use_tuned_flags(environ) and environ == {"XLA_FLAGS": both}
 
 
 def test_hugepage_environment_decisions():
@@ -134,7 +143,7 @@ def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, mo
     monkeypatch.setattr(xla_cpu, "installed_accelerator_plugins", lambda: installed)
     monkeypatch.setattr(host_memory.os, "environ", environ)
     restarts.clear()
-    changed = xla_cpu.use_eigen_dots(environ)
+    changed = xla_cpu.use_tuned_flags(environ)
     host_memory.reexec_with_hugepages(["python", "-m", "pixcon_jax.main"])
     return changed, bool(restarts)
 

@@ -129,6 +129,27 @@ def test_top_k_mask_ties_keep_the_lower_column_ids():
     np.testing.assert_array_equal(np.asarray(select(score, valid, k, column)), want)
 
 
+def test_uniform_rank_selects_what_the_uniforms_select():
+  # The random mining bisects on u * 2^23 instead of u: exact only while JAX's float32 uniforms
+  # are multiples of 2^-23 (this checks the installed JAX), and then the same set, ties included.
+  u = jax.random.uniform(jax.random.key(0), (40, 3000))
+  scaled = np.asarray(u, np.float64) * 2.0 ** 23
+  np.testing.assert_array_equal(scaled, np.floor(scaled))
+  rank = sampling.uniform_rank(u)
+  assert rank.dtype == jnp.uint32 and int(rank.max()) < 2 ** 23
+  np.testing.assert_array_equal(np.asarray(rank), scaled.astype(np.uint32))
+  # Ties at the k-th value: coarse uniforms (multiples of 1/64) tie in many rows.
+  coarse = jnp.floor(u * 64) / 64
+  valid = jax.random.uniform(jax.random.key(1), u.shape) < 0.8
+  k = jnp.asarray(np.random.default_rng(0).integers(0, 3000, 40), jnp.int32)
+  column = jnp.asarray(np.random.default_rng(1).permutation(3000), jnp.int32)
+  for score in (u, coarse):
+    for ids in (None, column):
+      want = sampling.top_k_mask(score, valid, k, column=ids)
+      got = sampling.top_k_mask(sampling.uniform_rank(score), valid, k, column=ids)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_top_k_mask_static_k_under_jit_and_map():
   rng = np.random.default_rng(1)
   score = jnp.asarray(rng.normal(size=(3, 4, 500)).astype(np.float32))

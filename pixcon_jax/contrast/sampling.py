@@ -262,6 +262,17 @@ def column_uniform(rng: jax.Array, column: jax.Array, rows: int) -> jax.Array:
   return jax.vmap(draw, out_axes=1)(column)
 
 
+def uniform_rank(u: jax.Array) -> jax.Array:
+  """uint32 keys with the order, ties included, of float32 uniforms from `jax.random.uniform`.
+
+  Those are multiples of 2^-23 in [0, 1) (23 random mantissa bits), so u * 2^23 is an exact
+  integer below 2^23: as `top_k_mask` scores they select what u selects, and the bisection spans
+  23 bits instead of the 31 of float32's ordered bit patterns (tests/test_sampling.py checks
+  both facts against the installed JAX).
+  """
+  return (u.astype(jnp.float32) * float(1 << 23)).astype(jnp.uint32)
+
+
 def _fraction_count(n: jax.Array | int, fraction: float):
   """ceil(fraction * n), robust to float rounding of exact products (0.1 * 10240 -> 1024)."""
   if isinstance(n, int):
@@ -327,7 +338,10 @@ def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array,
     raise ValueError(f"top_k_mask: rows of {score.shape[-1]} x {collectives.size(axis_name)} "
                      "entries; at most 2^24 - 1 supported")
   psum = functools.partial(collectives.psum, axis_name=axis_name)
-  key = jnp.where(valid, _ordered_uint(score), jnp.uint32(0))  # 0 is below every float
+  if score.dtype == jnp.uint32:  # already order keys (`uniform_rank`); + 1 frees 0 for invalid
+    key = jnp.where(valid, score + jnp.uint32(1), jnp.uint32(0))
+  else:
+    key = jnp.where(valid, _ordered_uint(score), jnp.uint32(0))  # 0 is below every float
   n_valid = psum(jnp.sum(valid, axis=-1, dtype=jnp.int32))
   k = jnp.minimum(k, n_valid)
   # Invariant: count(key >= lo) >= k > count(key >= hi) = cnt_hi. The initial values are
@@ -387,7 +401,8 @@ def top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array | int, *, k_max:
   """Mask of the k largest valid scores along the last axis: the set `lax.top_k` selects.
 
   Args:
-    score: [..., n] float scores (not differentiated: selection only).
+    score: [..., n] float scores (not differentiated: selection only), or, for 'bisect', uint32
+      order keys below 2^32 - 1 (`uniform_rank`).
     valid: [..., n] bool; only valid entries are selected.
     k: int, or [...] int per row; a row selects min(k, number of valid entries).
     k_max: static bound on k (needed by 'sort' / 'approx' when k is an array).
@@ -504,8 +519,11 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
 
   def uniform():
     if column is None:
-      return jax.random.uniform(rng, sim.shape)
-    return column_uniform(rng, column, sim.shape[0])
+      u = jax.random.uniform(rng, sim.shape)
+    else:
+      u = column_uniform(rng, column, sim.shape[0])
+    # The same selection as u's, with a shorter bisection (see `uniform_rank`).
+    return uniform_rank(u) if top_k == "bisect" else u
 
   if mode == "random":
     return select(uniform(), valid, num)

@@ -1,4 +1,4 @@
-"""XLA:CPU options of the entry points: matrix products on Eigen instead of YNNPACK.
+"""XLA:CPU options of the entry points: dots on Eigen, and thunks scheduled for memory order.
 
 jaxlib 0.10's XLA:CPU hands every dot to YNNPACK ("individual_dot" fusions). On this
 project's matmuls (the im2col and Winograd products of the CPU convs, the projection head,
@@ -6,10 +6,19 @@ the contrast loss's similarities) Eigen's matmul is faster on the CPUs we measur
 127-131 GFLOP/s for [16, 4096, 720] x [16, 720, 720] on two Zen 4 cores, and the HRNet-W48
 CE train step (2 x 256x512, float32) took 5.5 s instead of 6.9-7.2 s. YNNPACK keeps the
 reductions (BN statistics), where it beats XLA's own loops: with every YNNPACK fusion off the
-step took 7.0 s. `scripts/bench_train.py --noeigen_dots` measures the default.
+step took 7.0 s.
 
-XLA reads XLA_FLAGS once, when the first backend starts, so `use_eigen_dots` runs before
-that; `eigen_dot_flags` is the pure decision. Both this flag and the huge-page restart
+XLA:CPU's default "concurrency-optimized" schedule orders the thunks so that independent branches
+run at the same time; on the step's independent branches -- the projection head's backward beside
+the classifier's and the backbone's -- two multi-threaded Eigen dots then share the cores and
+evict each other's caches. The memory-ordered schedule (`SEQUENTIAL_SCHEDULE`) runs them one after
+the other: in `scripts/bench_train.py` (2-core EPYC, 2026-12-05) the paper recipe's contrast
+overhead over CE went from 1.88 to 0.94 times its FLOP overhead, the CE step's spread from
+4.7-5.9 s to 5.0-5.5 s, at +0.3 GB of XLA's peak. `scripts/bench_train.py --notune_xla_cpu`
+measures the defaults.
+
+XLA reads XLA_FLAGS once, when the first backend starts, so `use_tuned_flags` runs before
+that; `tuned_flags` is the pure decision. Both these flags and the huge-page restart
 (`cpu.host_memory`) engage only when the run computes on the CPU (`runs_on_cpu`): a GPU or TPU
 host keeps its XLA_FLAGS and its process, since an XLA build that does not know the flag
 aborts, and host malloc is not where an accelerator step keeps its memory.
@@ -24,6 +33,9 @@ from typing import Mapping, MutableMapping, Sequence
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_DOTS = f"{YNN_FUSION_FLAG}=-individual_dot"
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+SEQUENTIAL_SCHEDULE = f"{SCHEDULER_FLAG}=false"
+TUNED = (EIGEN_DOTS, SEQUENTIAL_SCHEDULE)
 
 
 def installed_accelerator_plugins() -> list[str]:
@@ -58,31 +70,33 @@ def runs_on_cpu(environ: Mapping[str, str], accelerator_plugins: Sequence[str]) 
   return not accelerator_plugins
 
 
-def eigen_dot_flags(environ: Mapping[str, str],
-                    accelerator_plugins: Sequence[str] = ()) -> str | None:
-  """The XLA_FLAGS value with dots on Eigen, or None to leave the environment as it is.
+def tuned_flags(environ: Mapping[str, str],
+                accelerator_plugins: Sequence[str] = ()) -> str | None:
+  """The XLA_FLAGS value with the `TUNED` flags, or None to leave the environment as it is.
 
   Args:
     environ: the current environment.
     accelerator_plugins: `installed_accelerator_plugins()`.
   Returns:
-    XLA_FLAGS plus `EIGEN_DOTS`, or None when XLA_FLAGS already sets the YNNPACK fusion
-    types (the user's choice, or an earlier call) or the run is not on the CPU (`runs_on_cpu`).
+    XLA_FLAGS plus each `TUNED` flag whose name XLA_FLAGS does not set already (the user's
+    choice, or an earlier call); None when there is none to add or the run is not on the CPU
+    (`runs_on_cpu`).
   """
   if not runs_on_cpu(environ, accelerator_plugins):
     return None
   flags = environ.get("XLA_FLAGS", "")
-  if YNN_FUSION_FLAG in flags:
+  add = [f for f in TUNED if f.split("=")[0] not in flags]
+  if not add:
     return None
-  return " ".join(f for f in (flags, EIGEN_DOTS) if f)
+  return " ".join(f for f in (flags, *add) if f)
 
 
-def use_eigen_dots(environ: MutableMapping[str, str] = os.environ) -> bool:
-  """Sets XLA_FLAGS in `environ` so that XLA:CPU runs dots on Eigen; returns whether it did.
+def use_tuned_flags(environ: MutableMapping[str, str] = os.environ) -> bool:
+  """Sets XLA_FLAGS in `environ` to `tuned_flags`; returns whether it changed.
 
   Call it before the first JAX computation: XLA reads XLA_FLAGS when its backend starts.
   """
-  value = eigen_dot_flags(environ, installed_accelerator_plugins())
+  value = tuned_flags(environ, installed_accelerator_plugins())
   if value is None:
     return False
   environ["XLA_FLAGS"] = value

@@ -286,7 +286,8 @@ def main(argv=None):
   parser.add_argument("--no_hugepages", action="store_true",
                       help="keep glibc's default malloc (see pixcon_jax/cpu/host_memory.py)")
   parser.add_argument("--no_tune_xla_cpu", action="store_true",
-                      help="keep XLA:CPU's YNNPACK dots and default schedule (pixcon_jax/cpu/xla_flags.py)")
+                      help="keep XLA:CPU's YNNPACK dots and default schedule "
+                           "(pixcon_jax/cpu/xla_flags.py)")
   flags = parser.parse_args(argv)
   if flags.pod_worker:
     print(json.dumps(pod_scaling()))

@@ -10,12 +10,12 @@ step took 7.0 s.
 
 XLA:CPU's default "concurrency-optimized" schedule orders the thunks so that independent branches
 run at the same time; on the step's independent branches -- the projection head's backward beside
-the classifier's and the backbone's -- two multi-threaded Eigen dots then share the cores and
-evict each other's caches. The memory-ordered schedule (`SEQUENTIAL_SCHEDULE`) runs them one after
-the other: in `scripts/bench_train.py` (2-core EPYC, 2026-12-05) the paper recipe's contrast
-overhead over CE went from 1.88 to 0.94 times its FLOP overhead, the CE step's spread from
-4.7-5.9 s to 5.0-5.5 s, at +0.3 GB of XLA's peak. `scripts/bench_train.py --notune_xla_cpu`
-measures the defaults.
+the classifier's and the backbone's -- two multi-threaded Eigen dots then share the two cores.
+The memory-ordered schedule (`SEQUENTIAL_SCHEDULE`) runs them one after the other: in
+`scripts/bench_train.py` (2-core EPYC, 2026-12-05) the paper recipe's time overhead over CE went
+from 1.88 times its FLOP overhead to 0.94 and 0.66 (two runs), and the projection head's backward
+inside the step from +0.57 s to +0.44 s (0.32 s alone), at +0.3 GB of XLA's peak for the CE
+step. `scripts/bench_train.py --notune_xla_cpu` measures the defaults.
 
 XLA reads XLA_FLAGS once, when the first backend starts, so `use_tuned_flags` runs before
 that; `tuned_flags` is the pure decision. Both these flags and the huge-page restart

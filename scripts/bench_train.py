@@ -60,16 +60,15 @@ flags.DEFINE_list("variants", list(VARIANTS), "Which variants to time: ce (CE on
                   "(the official recipe's contrast), paper (the paper recipe's contrast).")
 flags.register_validator("variants", lambda v: bool(v) and set(v) <= set(VARIANTS),
                          "--variants must be a non-empty list of ce, official, paper")
-flags.DEFINE_bool("count_unrolled", True, "Count each contrast variant's FLOPs on a second "
-                  "compile with the loss's class loop unrolled (XLA counts a loop body once).")
+flags.DEFINE_bool("count_unrolled", True, "Count the paper recipe's FLOPs on a second compile "
+                  "with the loss's class loop unrolled (XLA counts a loop body once).")
 flags.DEFINE_string("conv_impl", "auto", "config.model.conv_impl: auto | xla | matmul | winograd.")
 flags.DEFINE_string("official_repo", None, "Checkout of tfzhou/ContrastiveSeg to time as baseline.")
 flags.DEFINE_string("torch_python", None, "Python interpreter with PyTorch for the baseline.")
 flags.DEFINE_bool("hugepages", True, "Restart with glibc's malloc on transparent huge pages, as "
                   "`python -m pixcon_jax.main` does (pixcon_jax/cpu/host_memory.py).")
 flags.DEFINE_bool("tune_xla_cpu", True, "Run XLA:CPU's dots on Eigen and its thunks in memory "
-                  "order, as "
-                  "`python -m pixcon_jax.main` does (pixcon_jax/cpu/xla_flags.py).")
+                  "order, as `python -m pixcon_jax.main` does (pixcon_jax/cpu/xla_flags.py).")
 flags.DEFINE_bool("full_memory", True, "Time the contrast step with a full memory bank (random "
                   "unit keys), as in training after the bank fills, not the empty initial one.")
 FLAGS = flags.FLAGS

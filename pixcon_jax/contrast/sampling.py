@@ -281,8 +281,14 @@ def _fraction_count(n: jax.Array | int, fraction: float):
   return jnp.clip(m, jnp.minimum(n, 1), n)
 
 
-def _ordered_uint(score: jax.Array) -> jax.Array:
-  """float32 -> uint32 with the same order (negative floats reversed, sign bit flipped)."""
+def _order_key(score: jax.Array) -> jax.Array:
+  """uint32 keys with the order of `score`, at least 1 (0 marks invalid entries).
+
+  float32: the bit pattern with negative floats reversed and the sign bit flipped (1 or more for
+  any non-NaN score); uint32, already order keys below 2^32 - 1 (`uniform_rank`): score + 1.
+  """
+  if score.dtype == jnp.uint32:
+    return score + jnp.uint32(1)
   bits = lax.bitcast_convert_type(score.astype(jnp.float32), jnp.uint32)
   return jnp.where(bits >= jnp.uint32(0x80000000), ~bits, bits | jnp.uint32(0x80000000))
 
@@ -338,10 +344,7 @@ def _bisect_top_k_mask(score: jax.Array, valid: jax.Array, k: jax.Array,
     raise ValueError(f"top_k_mask: rows of {score.shape[-1]} x {collectives.size(axis_name)} "
                      "entries; at most 2^24 - 1 supported")
   psum = functools.partial(collectives.psum, axis_name=axis_name)
-  if score.dtype == jnp.uint32:  # already order keys (`uniform_rank`); + 1 frees 0 for invalid
-    key = jnp.where(valid, score + jnp.uint32(1), jnp.uint32(0))
-  else:
-    key = jnp.where(valid, _ordered_uint(score), jnp.uint32(0))  # 0 is below every float
+  key = jnp.where(valid, _order_key(score), jnp.uint32(0))  # 0 is below every valid entry
   n_valid = psum(jnp.sum(valid, axis=-1, dtype=jnp.int32))
   k = jnp.minimum(k, n_valid)
   # Invariant: count(key >= lo) >= k > count(key >= hi) = cnt_hi. The initial values are
@@ -453,7 +456,7 @@ def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: 
   Returns:
     mask [..., n] bool, scaled weights [..., n] float32 (0 where not selected).
   """
-  key = jnp.where(valid, _ordered_uint(lax.stop_gradient(score)), jnp.uint32(0))
+  key = jnp.where(valid, _order_key(lax.stop_gradient(score)), jnp.uint32(0))
   w = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), key.shape)
 
   def mass(threshold):  # weight at or above a threshold, per row

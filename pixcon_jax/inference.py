@@ -49,6 +49,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "official": dict(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), flip=True),
 }
 
+EVAL_MODES = ("whole", "slide")  # config.eval.mode
+AGGREGATES = ("logits", "softmax")  # config.eval.aggregate: what multi-scale passes sum
+
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
@@ -72,10 +75,10 @@ class InferenceSettings:
   aggregate: str = "logits"
 
   def __post_init__(self):
-    if self.mode not in ("whole", "slide"):
-      raise ValueError(f"config.eval.mode must be 'whole' or 'slide', got {self.mode!r}")
-    if self.aggregate not in ("logits", "softmax"):
-      raise ValueError(f"config.eval.aggregate must be 'logits' or 'softmax', got {self.aggregate!r}")
+    if self.mode not in EVAL_MODES:
+      raise ValueError(f"config.eval.mode must be one of {EVAL_MODES}, got {self.mode!r}")
+    if self.aggregate not in AGGREGATES:
+      raise ValueError(f"config.eval.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
     if not self.scales or any(s <= 0 for s in self.scales):
       raise ValueError(f"config.eval.scales must be positive, got {self.scales!r}")
     if self.mode == "slide":

@@ -17,6 +17,8 @@ from pixcon_jax.models.layers import resize_bilinear
 
 # The 19 official Cityscapes class weights; their single home is the Cityscapes class table.
 CITYSCAPES_CLASS_WEIGHTS: tuple[float, ...] = cityscapes.CLASS_WEIGHTS
+# Class weights `config.loss.class_weights` may name.
+NAMED_CLASS_WEIGHTS: dict[str, tuple[float, ...]] = {"cityscapes": CITYSCAPES_CLASS_WEIGHTS}
 
 # Official OhemCE settings (`ohem_thresh`, `ohem_minkeep` in the Cityscapes configs).
 OHEM_THRESHOLD = 0.7

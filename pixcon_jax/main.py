@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import shutil
 import sys
 from typing import NoReturn
 
@@ -19,6 +20,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from pixcon_jax import checkpointing
+from pixcon_jax import config_schema
 from pixcon_jax import log_filters
 from pixcon_jax import multihost
 from pixcon_jax import paths
@@ -111,6 +113,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   ml_collections raises from deep inside flag parsing (a misspelt `--config.a.b` is a chained
   AttributeError; a missing config file an OSError), which absl would show as a traceback.
   """
+  # A second parse in one process (`run` called again) defines the `--config.a.b` override
+  # flags anew: the previous parse's must go first.
+  for name in [n for n in FLAGS if n.startswith("config.")]:
+    delattr(FLAGS, name)
   config_file = _config_file_of(argv)
   if config_file and not os.path.isfile(config_file):
     fail(f"--config={config_file}: no such file (relative paths start at the current directory, "
@@ -135,7 +141,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-  """Validates the config, then runs its mode; bad input and early stops end in one line."""
+  """Checks the config (`config_schema`), then runs its mode; bad input and early stops end in
+  one line, and a failed start leaves no new workdir behind."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.tune_xla_cpu:
@@ -159,18 +166,47 @@ def main(argv: list[str]) -> None:
   paths.expand_config_paths(config)  # The shell expands no `~` after `=`.
   workdir = FLAGS.workdir  # Each mode resolves it (`paths.resolve`: `~`, relative, gs://).
   try:
-    # Before any compiling: a bad step count would otherwise surface after the first compile.
-    validation.validate_config(config)
+    # The whole config, before anything is written, compiled or imported from TensorFlow: a
+    # bad value would otherwise surface deep in a module, after a compile.
+    config_schema.check_config(config)
+    config_schema.check_devices(config, num_processes=jax.process_count(),
+                                num_devices=jax.device_count())
     validation.check_output_dir(workdir, "--workdir")
+  except validation.InputError as e:
+    fail(str(e))
+  new_workdir = _new_local_dir(workdir)
+  try:
     run_mode(config, workdir)
   except validation.InputError as e:
+    if new_workdir:
+      _remove_failed_start(new_workdir)
     fail(str(e))
   except checkpointing.Stopped as e:
     fail(str(e), e.exit_code, prefix="stopped")
 
 
+def _new_local_dir(workdir: str) -> str | None:
+  """`workdir` as a local path if it does not exist yet (this run would create it), else None."""
+  if paths.is_url(workdir):
+    return None  # A bucket has no folders to leave behind.
+  path = os.path.abspath(os.path.expanduser(workdir))
+  return None if os.path.exists(path) else path
+
+
+def _remove_failed_start(path: str) -> None:
+  """Removes the workdir a run created before its input failed, unless it saved a checkpoint.
+
+  A failed start (an unprepared dataset, an init_from that does not fit) otherwise leaves an
+  empty run folder, or one with only config.json, that the next run would take for its own.
+  """
+  checkpoints = os.path.join(path, "checkpoints")
+  if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+    return
+  shutil.rmtree(path, ignore_errors=True)
+
+
 def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Dispatches on `config.mode` (validated): train, eval or predict.
+  """Dispatches on `config.mode` (checked): train, eval or predict.
 
   train and evaluate are imported here, not at the top: through CLU's writers they load
   TensorFlow (~5 s), which a bad flag or the huge-page restart would otherwise pay for first.
@@ -186,5 +222,21 @@ def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
     predict.predict_folder(config, workdir)
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+  """The command line `argv` (argv[0] the program; None: sys.argv), as `python -m` runs it.
+
+  Ends with SystemExit: 0, or the exit code of a bad input (2) or a stop (143, 130).
+  """
+  if argv is None:
+    app.run(main, flags_parser=parse_flags)
+  saved = sys.argv
+  # ml_collections reads the `--config.a.b` overrides from sys.argv, not from the parsed argv.
+  sys.argv = list(argv)
+  try:
+    app.run(main, argv=sys.argv, flags_parser=parse_flags)
+  finally:
+    sys.argv = saved
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run()

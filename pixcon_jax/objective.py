@@ -36,6 +36,7 @@ import ml_collections
 from jax import lax
 
 from pixcon_jax import losses
+from pixcon_jax.contrast import choices
 from pixcon_jax.contrast import health as contrast_health
 from pixcon_jax.contrast import labels as contrast_labels
 from pixcon_jax.contrast import loss as contrast_loss
@@ -52,9 +53,10 @@ def class_weights_from_config(config: ml_collections.ConfigDict, num_classes: in
   if cw is None:
     return None
   if isinstance(cw, str):
-    if cw != "cityscapes":
-      raise ValueError(f"config.loss.class_weights={cw!r}: the only named weights are 'cityscapes'")
-    cw = losses.CITYSCAPES_CLASS_WEIGHTS
+    if cw not in losses.NAMED_CLASS_WEIGHTS:
+      raise ValueError(f"config.loss.class_weights={cw!r}: the named weights are "
+                       f"{sorted(losses.NAMED_CLASS_WEIGHTS)}")
+    cw = losses.NAMED_CLASS_WEIGHTS[cw]
   cw = tuple(float(w) for w in cw)
   if len(cw) != num_classes:
     raise ValueError(f"config.loss.class_weights has {len(cw)} entries, the dataset has "
@@ -182,7 +184,7 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
             base_temperature=c.base_temperature, max_samples=c.max_samples,
             max_views=c.max_views)
     else:
-      raise ValueError(f"config.contrast.recipe={recipe!r}: expected 'paper' or 'official'")
+      raise ValueError(f"config.contrast.recipe={recipe!r}: expected one of {choices.RECIPES}")
 
   def ce_share(logits: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(share of the global CE, global CE value) for logits [b, h, w, C], label [b, H, W]."""

@@ -30,6 +30,7 @@ TrainStep = Callable[["TrainState", dict[str, jax.Array]], tuple["TrainState", d
 
 # Keys of a batch the train step consumes; others (e.g. file names) stay on the host.
 TRAIN_BATCH_KEYS = ("image", "label", "image_id")
+WEIGHT_DECAY_ON = ("all", "kernels")  # config.optim.weight_decay_on: torch SGD (all) | kernels only.
 
 
 @flax.struct.dataclass
@@ -64,7 +65,7 @@ def _decay_mask(params: PyTree, mode: str) -> PyTree:
     return jax.tree.map(lambda _: True, params)
   if mode == "kernels":
     return jax.tree.map(lambda p: p.ndim > 1, params)
-  raise ValueError(f"config.optim.weight_decay_on={mode!r}: expected 'all' or 'kernels'")
+  raise ValueError(f"config.optim.weight_decay_on={mode!r}: expected one of {WEIGHT_DECAY_ON}")
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -1,11 +1,17 @@
-"""Helpers only the tests use: the inverse weight conversion and a CLU-style metric constructor.
+"""Helpers only the tests use: the inverse weight conversion, a CLU-style metric constructor,
+and `pixcon_jax.main` run in the test's own process.
 
 Importable from any test module (pytest puts tests/ on sys.path: `import helpers`).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
 from typing import Any
 
+from absl import logging as absl_logging
 import flax
 import jax
 import numpy as np
@@ -36,3 +42,34 @@ def confusion_metric(*, prediction: jax.Array, label: jax.Array, num_classes: in
   """`metrics.ConfusionMatrix` of one batch: prediction / label [B, H, W], mask [B, 1, 1] or None."""
   return metrics.ConfusionMatrix.from_confusion(
       metrics.confusion_matrix(prediction, label, num_classes, mask))
+
+
+def run_main(*args: str) -> tuple[int, list[str]]:
+  """`pixcon_jax.main` on `args` in this process -> (exit code, non-empty stderr lines).
+
+  Adds `--nohugepages --notune_xla_cpu` (no restart, no XLA_FLAGS change). main's process-wide
+  settings (os.environ, absl verbosity, the log filters) are put back afterwards, so later tests
+  see the process as it was. Paths in `args` are relative to the current directory.
+  """
+  from pixcon_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  environ = dict(os.environ)
+  absl_logger = logging.getLogger("absl")
+  filters, level, verbosity = list(absl_logger.filters), absl_logger.level, absl_logging.get_verbosity()
+  quiet = {name: logging.getLogger(name).level for name in ("orbax", "grain")}
+  err = io.StringIO()
+  code = None
+  try:
+    with contextlib.redirect_stderr(err):
+      try:
+        main_lib.run(["main", "--nohugepages", "--notune_xla_cpu", *args])
+      except SystemExit as e:
+        code = e.code
+  finally:
+    os.environ.clear()  # main sets PYTHONWARNINGS for its own children.
+    os.environ.update(environ)
+    absl_logger.filters[:] = filters
+    absl_logger.setLevel(level)
+    absl_logging.set_verbosity(verbosity)
+    for name, value in quiet.items():
+      logging.getLogger(name).setLevel(value)
+  return code, [line for line in err.getvalue().splitlines() if line.strip()]

@@ -1,9 +1,11 @@
-"""Bad inputs end in one short message naming the key or file and what to do (issue 19).
+"""Bad inputs end in one short message naming the key or file and what to do (issues 19, 28).
 
-In-process where the message is the point (config validation, the checkpoint restore, init_from,
-predict, prepare_data); a subprocess of `pixcon_jax.main` where the exit code and the last
-line of output are (flag parsing, the early config check). One tiny workdir with two
-checkpoints, written without training, serves the checkpoint cases.
+First the table of issue 28: each mistake a new user made, through `main` in this process
+(`main.run`), must exit 2 with one `error:` line naming the key, no traceback, nothing written.
+Then in-process checks where the message is the point (the config schema, the checkpoint
+restore, init_from, predict, prepare_data), and a subprocess of `pixcon_jax.main` where the exit
+code and the last line of output are (flag parsing, the early config check). One tiny workdir
+with two checkpoints, written without training, serves the checkpoint cases.
 """
 import importlib.util
 import logging
@@ -13,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import jax
@@ -22,13 +25,80 @@ import pytest
 from PIL import Image
 
 from pixcon_jax import checkpointing
+from pixcon_jax import config_schema
 from pixcon_jax import log_filters
+from pixcon_jax import main as main_lib
 from pixcon_jax import predict
 from pixcon_jax import validation
+from helpers import run_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(widths=(4, 8, 16, 32), stage_modules=(1, 1, 1), num_blocks=1, stem_width=8,
             layer1_planes=4, layer1_blocks=1)
+
+
+# ---- issue 28's table: rows 1-8 and 17 (exit 2, one line naming the key, nothing written) ------
+# (row, overrides of `M = main --config=configs/demo.py:runlocal --workdir=W`, the key named).
+# `{images}` is a folder with one PNG, `{out}` a folder to create.
+MISTAKES = [
+    (1, ["--config.model.name=hrnet_w18_contrst"], "model.name"),
+    (2, ["--config.contrast.mining=semihard"], "contrast.mining"),
+    (3, ["--config.contrast.recipe=offical"], "contrast.recipe"),
+    (4, ["--config.model.name=hrnet_w18", "--config.contrast.enabled=True"], "contrast.enabled"),
+    (5, ["--config.model.num_classes=19"], "model.num_classes"),  # the demo has 8 classes
+    (6, ["--config.data.dataset=citiscapes"], "data.dataset"),
+    (7, ["--config.mode=eval", "--config.eval.protocol=papr"], "eval.protocol"),
+    (8, ["--config.mode=predict", "--config.predict.input_dir={images}",
+         "--config.predict.output_dir={out}", "--config.predict.label_format=labelid"],
+     "predict.label_format"),
+    (17, ["--config.optim.lr=-0.02"], "optim.lr"),
+]
+
+
+@pytest.mark.parametrize("row, overrides, key", MISTAKES, ids=[f"row{m[0]}" for m in MISTAKES])
+def test_a_mistake_of_the_table_ends_in_one_line_naming_the_key(row, overrides, key, tmp_path,
+                                                                monkeypatch):
+  monkeypatch.chdir(REPO)
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+  workdir = tmp_path / "run"
+  args = [a.format(images=images, out=tmp_path / "out") for a in overrides]
+  start = time.monotonic()
+  code, lines = run_main("--config=configs/demo.py:runlocal", f"--workdir={workdir}", *args)
+  assert time.monotonic() - start < 15, f"row {row}: the check must run before any compile"
+  assert code == validation.EXIT_BAD_INPUT, (row, lines[-5:])
+  assert lines[-1].startswith(f"error: config.{key}="), (row, lines[-5:])
+  assert not any("Traceback" in line for line in lines), row
+  assert not workdir.exists() and not (tmp_path / "out").exists(), row
+
+
+def test_a_failed_start_leaves_no_new_workdir(tmp_path, monkeypatch):
+  """An input error after the mode started (e.g. an unprepared dataset) removes what it made."""
+  monkeypatch.chdir(REPO)
+
+  def fails_after_writing(config, workdir, steps=()):
+    run = pathlib.Path(workdir)
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text("{}")
+    for step in steps:
+      (run / "checkpoints" / str(step)).mkdir()
+    raise validation.MissingInputError("synthetic: no prepared data")
+
+  monkeypatch.setattr(main_lib, "run_mode", fails_after_writing)
+  new = tmp_path / "new"
+  code, lines = run_main("--config=configs/demo.py:runlocal", f"--workdir={new}")
+  assert (code, lines[-1]) == (2, "error: synthetic: no prepared data")
+  assert not new.exists()
+  # A folder that was there before, or one holding a checkpoint, is the user's: kept.
+  old = tmp_path / "old"
+  old.mkdir()
+  assert run_main("--config=configs/demo.py:runlocal", f"--workdir={old}")[0] == 2
+  assert (old / "config.json").exists()
+  monkeypatch.setattr(main_lib, "run_mode", lambda c, w: fails_after_writing(c, w, steps=(5,)))
+  saved = tmp_path / "saved"
+  assert run_main("--config=configs/demo.py:runlocal", f"--workdir={saved}")[0] == 2
+  assert (saved / "checkpoints" / "5").is_dir()
 
 
 def demo_config(**overrides) -> ml_collections.ConfigDict:
@@ -152,28 +222,28 @@ def test_step_counts_must_be_positive(key, value):
   config[group][name] = value
   with pytest.raises(validation.ConfigError,
                      match=f"^config.{key}={value}: expected a positive integer$"):
-    validation.validate_config(config)
+    config_schema.check_config(config)
 
 
 def test_unknown_scope_and_mismatch_fraction_are_named():
   config = demo_config()
   config.init_from_scope = "everything"
   with pytest.raises(validation.ConfigError, match="config.init_from_scope='everything'"):
-    validation.validate_config(config)
+    config_schema.check_config(config)
   config = demo_config()
   config.init_from_max_mismatch = 2.0
   with pytest.raises(validation.ConfigError, match=r"config.init_from_max_mismatch=2.0: .*\[0, 1\]"):
-    validation.validate_config(config)
-  validation.validate_config(demo_config())  # The shipped config passes.
+    config_schema.check_config(config)
+  config_schema.check_config(demo_config())  # The shipped config passes.
 
 
 def test_per_device_selection_with_the_global_batch_loss_is_named():
   config = demo_config()
   config.contrast.top_k = "sort"
-  with pytest.raises(validation.ConfigError, match=r"config.contrast.top_k='sort' .*bisect"):
-    validation.validate_config(config)
+  with pytest.raises(validation.ConfigError, match=r"config.contrast.top_k='sort': .*bisect"):
+    config_schema.check_config(config)
   config.contrast.global_batch = False  # each device its own loss: any selection works
-  validation.validate_config(config)
+  config_schema.check_config(config)
 
 
 def test_predict_output_dir_under_a_file_fails_before_the_model_runs(tmp_path):
@@ -188,7 +258,7 @@ def test_predict_output_dir_under_a_file_fails_before_the_model_runs(tmp_path):
   config.predict.output_dir = str(afile / "out")
   with pytest.raises(validation.ConfigError, match=f"config.predict.output_dir=.*is under the "
                      f"file '{afile}'"):
-    validation.validate_config(config)
+    config_schema.check_config(config)
   # predict_folder itself checks it too, before building the model (an empty workdir would
   # otherwise fail later with "no checkpoint").
   with pytest.raises(validation.ConfigError, match="config.predict.output_dir"):
@@ -512,3 +582,5 @@ def test_unprepared_dataset_is_an_input_error_naming_the_folder_and_the_fix(tmp_
   with pytest.raises(validation.MissingInputError) as e:
     len(source)
   assert str(tmp_path / "none") in str(e.value) and "prepare_data.py" in str(e.value)
+  # Only our instruction: not TFDS's hints about download_and_prepare or TFRECORD folders.
+  assert "TFRECORD" not in str(e.value) and "download_and_prepare" not in str(e.value)

@@ -89,12 +89,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from pixcon_jax.contrast import choices
 from pixcon_jax.contrast import collectives
 from pixcon_jax.contrast import sampling
 from pixcon_jax.contrast.collectives import AxisName
 from pixcon_jax.contrast.memory import MemoryBank
 
-SOURCES = ("batch", "pixel_memory", "region_memory")
+SOURCES = choices.SOURCES
 _KEPT = "contrast_kept"
 # Per class block only the selection masks and the positive similarity block survive to the
 # backward pass ([A, pool+] float32 + [A, pool+ + pool-] bool, ~3.5 MB per class at paper
@@ -163,18 +164,18 @@ class ContrastSettings:
     if bad or not self.sources:
       raise ValueError(f"contrast sources must be a non-empty subset of {SOURCES}, got "
                        f"{self.sources}")
-    if self.scope not in ("inter", "intra"):
-      raise ValueError(f"contrast scope must be 'inter' or 'intra', got {self.scope!r}")
+    if self.scope not in choices.SCOPES:
+      raise ValueError(f"contrast scope must be one of {choices.SCOPES}, got {self.scope!r}")
     if self.scope == "intra" and self.sources != ("batch",):
       raise ValueError("scope='intra' contrasts within the anchor's image only: sources must be "
                        f"('batch',), got {self.sources}")
-    if self.anchor_sampling not in ("random", "seg_aware_hard"):
-      raise ValueError(f"anchor_sampling must be 'random' or 'seg_aware_hard', got "
+    if self.anchor_sampling not in choices.ANCHOR_SAMPLINGS:
+      raise ValueError(f"anchor_sampling must be one of {choices.ANCHOR_SAMPLINGS}, got "
                        f"{self.anchor_sampling!r}")
-    if self.mining not in ("random", "hardest", "semi_hard"):
-      raise ValueError(f"mining must be 'random', 'hardest' or 'semi_hard', got {self.mining!r}")
-    if self.top_k not in ("bisect", "sort", "approx"):
-      raise ValueError(f"top_k must be 'bisect', 'sort' or 'approx', got {self.top_k!r}")
+    if self.mining not in choices.MININGS:
+      raise ValueError(f"mining must be one of {choices.MININGS}, got {self.mining!r}")
+    if self.top_k not in choices.TOP_K_IMPLS:
+      raise ValueError(f"top_k must be one of {choices.TOP_K_IMPLS}, got {self.top_k!r}")
     if not 0.0 < self.semi_hard_fraction <= 1.0:
       raise ValueError(f"semi_hard_fraction must be in (0, 1], got {self.semi_hard_fraction}")
     if not 0.0 <= self.batch_pool_fraction <= 1.0:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pixcon_jax.contrast import choices
 from pixcon_jax.contrast import sampling
 
 
@@ -116,7 +117,7 @@ def init_memory(*, num_classes: int, dim: int, pixel_queue_size: int,
       raise ValueError(f"region_mode='fifo' needs region_queue_size >= 1, got {region_queue_size}")
     slots = region_queue_size
   else:
-    raise ValueError(f"region_mode must be 'indexed' or 'fifo', got {region_mode!r}")
+    raise ValueError(f"region_mode must be one of {choices.REGION_MODES}, got {region_mode!r}")
   if pixel_queue_size < 1:
     raise ValueError(f"pixel_queue_size must be >= 1, got {pixel_queue_size}")
   c = num_classes

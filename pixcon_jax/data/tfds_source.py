@@ -17,6 +17,9 @@ from pixcon_jax import validation
 from pixcon_jax.data import classes
 
 
+UNKNOWN_LABEL_MODES = ("ignore", "error")  # config.data.unknown_label
+
+
 class UnknownLabelError(ValueError):
   """A label map holds ids that are not in the dataset's class table."""
 
@@ -30,8 +33,9 @@ class TfdsSource:
 
   def __init__(self, *, dataset: str, tfds_name: str, split: str, data_dir: str | None,
                image_key: str, label_key: str, class_table, unknown_label: str = "ignore"):
-    if unknown_label not in ("ignore", "error"):
-      raise ValueError(f"data.unknown_label must be 'ignore' or 'error', got {unknown_label!r}")
+    if unknown_label not in UNKNOWN_LABEL_MODES:
+      raise ValueError(f"data.unknown_label must be one of {UNKNOWN_LABEL_MODES}, got "
+                       f"{unknown_label!r}")
     self._dataset, self._tfds_name, self._split = dataset, tfds_name, split
     self._data_dir, self._image_key, self._label_key = data_dir, image_key, label_key
     self._lut = classes.id_to_train_id_lut(class_table)
@@ -52,9 +56,12 @@ class TfdsSource:
                       self._label_key: tfds.decode.SkipDecoding()})
       except Exception as e:
         # An InputError: main ends it in one line (exit 2) naming the folder and what to run.
+        # Only our instruction: TFDS's own hints (download_and_prepare, "already prepared in
+        # TFRECORD format") point at commands this project does not use.
+        logging.debug("tfds.data_source(%r, data_dir=%r): %s", self._tfds_name, self._data_dir, e)
         raise validation.MissingInputError(
-            f"{self._dataset}: cannot open prepared TFDS dataset {self._tfds_name!r} split "
-            f"{self._split!r} in data_dir {self._data_dir!r} ({e}). Prepare it with `python "
+            f"{self._dataset}: no prepared TFDS dataset {self._tfds_name!r} (split "
+            f"{self._split!r}) in data_dir {self._data_dir!r}. Prepare it with `python "
             f"scripts/prepare_data.py --dataset {self._dataset} --manual_dir DIR --data_dir DIR`."
         ) from e
     return self._ds

@@ -24,6 +24,8 @@ from pixcon_jax.data.classes import IGNORE_LABEL
 # ImageNet statistics on the 0-255 scale, RGB order.
 IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32) * 255.0
+NORMALIZATIONS = ("imagenet", "none")  # augment.normalize
+PAD_IMAGE_VALUES = ("mean", "zero")  # augment.pad_image_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +58,10 @@ class AugmentConfig:
       raise ValueError(f"unknown augment keys {sorted(unknown)}; known: "
                        f"{[f.name for f in dataclasses.fields(cls)]}")
     out = cls(**kwargs)
-    if out.normalize not in ("imagenet", "none"):
-      raise ValueError(f"augment.normalize must be 'imagenet' or 'none', got {out.normalize!r}")
-    if out.pad_image_value not in ("mean", "zero"):
-      raise ValueError(f"augment.pad_image_value must be 'mean' or 'zero', got "
+    if out.normalize not in NORMALIZATIONS:
+      raise ValueError(f"augment.normalize must be one of {NORMALIZATIONS}, got {out.normalize!r}")
+    if out.pad_image_value not in PAD_IMAGE_VALUES:
+      raise ValueError(f"augment.pad_image_value must be one of {PAD_IMAGE_VALUES}, got "
                        f"{out.pad_image_value!r}")
     return out
 

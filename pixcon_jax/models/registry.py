@@ -39,6 +39,9 @@ ModuleT = TypeVar("ModuleT")
 # the backbone module as their `backbone` attribute, which linen names after the attribute.
 BACKBONE_PREFIX = "backbone"
 
+# Compute dtypes of `build_model` (parameters and BN statistics stay float32).
+DTYPES = ("float32", "bfloat16")
+
 # Segmenter fields that build_model sets itself, never overrides.
 _INJECTED = ("backbone", "num_classes", "conv", "norm", "parent", "name")
 
@@ -96,6 +99,19 @@ def model_names() -> list[str]:
 
 def backbone_names() -> list[str]:
   return sorted(_BACKBONES)
+
+
+def has_projection_head(name: str) -> bool:
+  """Whether the registered model `name` outputs an `embedding` (a `*_contrast` model)."""
+  return _MODELS[name].contrast
+
+
+def override_names(name: str) -> list[str]:
+  """The `**overrides` that `build_model(name, ...)` accepts: backbone fields and head fields."""
+  entry = _MODELS[name]
+  head = [f.name for f in dataclasses.fields(entry.segmenter)
+          if f.name not in _INJECTED and f.name not in entry.fixed]
+  return sorted(set(_BACKBONES[entry.backbone].fields) | set(head))
 
 
 def layer_defs(*, dtype: Dtype = jnp.float32, bn_axis_name: str | None = None,

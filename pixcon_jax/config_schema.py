@@ -93,18 +93,18 @@ def _optional(rule: Rule, optional: bool) -> Rule:
   return dataclasses.replace(rule, check=lambda v: None if v is None else rule.check(v))
 
 
-def integer(min: int | None = None, *, optional: bool = False) -> Rule:  # pylint: disable=redefined-builtin
-  """An int >= `min` (bools refused); `optional`: None too (a placeholder left unset)."""
-  what = ("a positive integer" if min == 1 else "an integer" if min is None
-          else f"an integer >= {min}")
+def integer(least: int | None = None, *, optional: bool = False) -> Rule:
+  """An int >= `least` (bools refused); `optional`: None too (a placeholder left unset)."""
+  what = ("a positive integer" if least == 1 else "an integer" if least is None
+          else f"an integer >= {least}")
   what += " or None" if optional else ""
 
   def check(v):
-    if not _is_int(v) or (min is not None and v < min):
+    if not _is_int(v) or (least is not None and v < least):
       return f"expected {what}"
     return None
 
-  return _optional(Rule(check, wrong=(str(min - 1) if min is not None else "0.5",)), optional)
+  return _optional(Rule(check, wrong=(str(least - 1) if least is not None else "0.5",)), optional)
 
 
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -182,7 +182,7 @@ def pair(*, optional: bool = False) -> Rule:
 def window(*, optional: bool = True) -> Rule:
   """A sliding-window size: None, () (unset), an int or (h, w), positive (`inference._pair`)."""
   def check(v):
-    if v is None and optional or v == () or (_is_int(v) and v > 0):
+    if (v is None and optional) or v == () or (_is_int(v) and v > 0):
       return None
     if isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(_is_int(x) and x > 0 for x in v):
       return None
@@ -474,7 +474,8 @@ def _fifo_needs_queue(config):
 
 def _slide_needs_window(config):
   e = config.eval
-  if e.mode == "slide" and not inference._pair(e.get("crop_size")):  # pylint: disable=protected-access
+  window_size = inference._pair(e.get("crop_size"))  # pylint: disable=protected-access
+  if e.mode == "slide" and not window_size:
     return e.get("crop_size"), "eval.mode='slide' needs a window (h, w)"
   return None
 
@@ -557,7 +558,8 @@ CROSS: tuple[Cross, ...] = (
     Cross("eval.stride", _stride_within_window,
           ("--config.eval.mode=slide", "--config.eval.crop_size=(32, 32)",
            "--config.eval.stride=(48, 32)")),
-    Cross("data.eval_pad_size", _eval_images_fit_padding, ("--config.data.eval_pad_size=(32, 64)",)),
+    Cross("data.eval_pad_size", _eval_images_fit_padding,
+          ("--config.data.eval_pad_size=(32, 64)",)),
     Cross("loss.class_weights", _class_weights_fit, ("--config.loss.class_weights=cityscapes",)),
     Cross("predict.input_dir", _predict_input, ("--config.mode=predict",), missing=True),
     Cross("predict.output_dir", _predict_output,

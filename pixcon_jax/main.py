@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import shutil
 import sys
 from typing import NoReturn
@@ -129,6 +130,10 @@ def parse_flags(argv: list[str]) -> list[str]:
       # An exception inside the config file's get_config(arg): its last line says what failed.
       lines = [line.strip() for line in text.splitlines() if line.strip()]
       fail(f"--config={_config_arg_of(argv)}: {lines[-1]}")
+    # A value of the wrong type: "flag --config.a.b=maybe: ('Non-boolean argument ...', 'maybe')".
+    override = re.fullmatch(r"flag (--config\.[^=]+=.*?): \('([^']*)', .*\)", text, re.S)
+    if override:
+      fail(f"{override.group(1)}: {override.group(2)}")
     fail(f"{text}; see --helpshort")
   except (AttributeError, KeyError) as e:
     text = _innermost_message(e)

@@ -54,7 +54,8 @@ def run_main(*args: str) -> tuple[int, list[str]]:
   from pixcon_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   environ = dict(os.environ)
   absl_logger = logging.getLogger("absl")
-  filters, level, verbosity = list(absl_logger.filters), absl_logger.level, absl_logging.get_verbosity()
+  filters, level = list(absl_logger.filters), absl_logger.level
+  verbosity = absl_logging.get_verbosity()
   quiet = {name: logging.getLogger(name).level for name in ("orbax", "grain")}
   err = io.StringIO()
   code = None

@@ -7,7 +7,10 @@ line `error: ... config.<key> ...` and leave no workdir behind. A config key wit
 fails `test_every_config_key_has_a_rule`, listing it.
 """
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -77,7 +80,8 @@ def run_main(tmp_path, monkeypatch):
 def test_a_wrong_value_ends_main_in_one_line_naming_the_key(key, overrides, run_main):
   code, lines = run_main(*overrides)
   assert code == validation.EXIT_BAD_INPUT, lines[-5:]
-  assert lines and lines[-1].startswith(("error: config.", "error: flag --config.")), lines[-5:]
+  assert lines and lines[-1].startswith(("error: config.", "error: --config.",
+                                         "error: flag --config.")), lines[-5:]
   assert f"config.{key}=" in lines[-1], lines[-5:]
   assert not any("Traceback" in line for line in lines)
   assert not run_main.workdir.exists()  # Checked before anything was written.
@@ -115,3 +119,22 @@ def test_batch_sizes_are_checked_against_the_devices():
   with pytest.raises(validation.ConfigError, match=r"^config\.data\.eval_batch_size=3: expected "
                      r"a multiple of the process count \(2\)$"):
     config_schema.check_devices(config, num_processes=2, num_devices=4)
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_flag(run_main):
+  code, lines = run_main("--config.loss.ohem=maybe")
+  assert (code, lines[-1]) == (2, "error: --config.loss.ohem=maybe: Non-boolean argument to "
+                                  "boolean flag")
+  code, lines = run_main("--config.schedule.total_steps=ten")
+  assert code == 2 and lines[-1].startswith("error: flag --config.schedule.total_steps=ten: ")
+
+
+def test_main_imports_nothing_heavy_before_the_check():
+  """The modules the schema reads its names from load no TensorFlow (CLU, TFDS) before it runs."""
+  code = ("import sys\nfrom pixcon_jax import config_schema, main\n"
+          "heavy = ('tensorflow', 'clu', 'tensorflow_datasets')\n"
+          "print(sorted(m for m in heavy if m in sys.modules))")
+  p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                     timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.strip() == "[]", p.stdout

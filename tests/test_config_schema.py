@@ -16,20 +16,26 @@ import pytest
 
 import helpers
 
+from configs import common
 from pixcon_jax import config_schema
 from pixcon_jax import validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("cityscapes_hrnet", "cityscapes_hrnet_ocr", "cityscapes_resnet101_deeplabv3",
-               "cityscapes_resnet101_ocr", "pascal_context_hrnet_ocr", "coco_stuff_hrnet_ocr",
-               "demo")
-VARIANTS = (None, "runlocal", "official", "bf16")
+# Every experiment file of configs/.
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs").glob("*.py")
+                     if p.stem not in ("__init__", "common"))
+# Every config and every arg word (keys a variant adds need rules too).
+VARIANTS = (None, *common.KNOWN_ARGS)
+
+
+def _config(name, arg):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
 def _configs():
   for name in EXPERIMENTS:
     for arg in VARIANTS:
-      yield f"{name}:{arg}", importlib.import_module(f"configs.{name}").get_config(arg)
+      yield f"{name}:{arg}", _config(name, arg)
 
 
 def test_every_config_key_has_a_rule():
@@ -48,10 +54,10 @@ def test_every_rule_has_a_wrong_value_and_names_a_config_key():
   assert not stale, f"rules for keys no config has: {stale}"
 
 
-@pytest.mark.parametrize("name", [n for n, _ in _configs()])
-def test_shipped_configs_pass(name):
-  config = dict(_configs())[name]
-  config_schema.check_config(config)
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("arg", VARIANTS)
+def test_shipped_configs_pass(name, arg):
+  config_schema.check_config(_config(name, arg))
 
 
 def _cases():

@@ -179,10 +179,10 @@ def pair(*, optional: bool = False) -> Rule:
   return _optional(Rule(check, wrong=("(0, 32)",)), optional)
 
 
-def window(*, optional: bool = True) -> Rule:
-  """A sliding-window size: None, () (unset), an int or (h, w), positive (`inference._pair`)."""
+def window() -> Rule:
+  """A sliding-window size: None or () (unset), an int or (h, w), positive (`inference._pair`)."""
   def check(v):
-    if (v is None and optional) or v == () or (_is_int(v) and v > 0):
+    if v is None or v == () or (_is_int(v) and v > 0):
       return None
     if isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(_is_int(x) and x > 0 for x in v):
       return None
@@ -191,11 +191,11 @@ def window(*, optional: bool = True) -> Rule:
   return Rule(check, wrong=("(-8, 8)",))
 
 
-def interval(*, low_open: bool = True) -> Rule:
+def interval() -> Rule:
   """(lo, hi) numbers with 0 < lo <= hi (a range to draw factors from)."""
   def check(v):
     if (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v)
-        and (v[0] > 0 if low_open else v[0] >= 0) and v[0] <= v[1]):
+        and 0 < v[0] <= v[1]):
       return None
     return "expected (low, high) with 0 < low <= high"
 
@@ -258,6 +258,10 @@ def mapping() -> Rule:
               else "expected a ConfigDict", wrong=())
 
 
+# Named class weights of `objective.class_weights_from_config`.
+NAMED_CLASS_WEIGHTS = tuple(sorted(losses.NAMED_CLASS_WEIGHTS))
+
+
 def class_weights() -> Rule:
   """None, a name of weights ('cityscapes'), or a sequence of numbers >= 0 (one per class)."""
   def check(v):
@@ -276,8 +280,6 @@ def class_weights() -> Rule:
 
 # ---- names the rules take from their owners --------------------------------------------------
 
-# Named class weights of `objective.class_weights_from_config`.
-NAMED_CLASS_WEIGHTS = tuple(sorted(losses.NAMED_CLASS_WEIGHTS))
 # A TFDS split: a name with an optional slice ('train', 'validation', 'train[:10%]').
 _SPLIT = r"[A-Za-z0-9_\-]+(\[[^\]]*\])?"
 # A TFDS builder name with an optional config and version ('cityscapes/semantic_segmentation').

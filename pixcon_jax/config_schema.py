@@ -278,16 +278,19 @@ def class_weights() -> Rule:
   return Rule(check, wrong=("cityscapez", "(1.0, -1.0)"))
 
 
-# ---- names the rules take from their owners --------------------------------------------------
+# ---- the rules: one line per key ---------------------------------------------------------------
 
-# A TFDS split: a name with an optional slice ('train', 'validation', 'train[:10%]').
-_SPLIT = r"[A-Za-z0-9_\-]+(\[[^\]]*\])?"
+# A TFDS split: names with optional slices, joined by + ('train', 'train[:10%]+validation').
+_ONE_SPLIT = r"[A-Za-z0-9_\-]+(\[[^\]]*\])?"
+_SPLIT = rf"{_ONE_SPLIT}(\+{_ONE_SPLIT})*"
 # A TFDS builder name with an optional config and version ('cityscapes/semantic_segmentation').
 _TFDS_NAME = r"[a-z0-9_]+(/[a-z0-9_]+)?(:[0-9.*]+)?"
 
 _INIT_FROM_HINT = (", so no orbax checkpoint to load; give the --out folder of "
                    "scripts/convert_checkpoint.py")
 
+# A key added to configs/common.py or data/config_defaults.py needs its line here
+# (tests/test_config_schema.py lists the keys without one).
 KEYS: dict[str, Rule] = {
     "mode": one_of(validation.MODES),
     "seed": integer(0),

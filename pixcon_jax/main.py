@@ -6,6 +6,16 @@ eval (`evaluate.evaluate_checkpoint`) or predict (`predict.predict_folder`).
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__mp_main__":
+  # A grain data worker: multiprocessing's spawn imports the trainer's main module first in
+  # every worker. Ignore SIGTERM / SIGINT from here on, before the slow imports below: a signal
+  # to the process group is the trainer's to act on (it saves, then stops its workers).
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+# pylint: disable=wrong-import-position
 import logging as std_logging
 import os
 import sys

@@ -66,7 +66,7 @@ class StateDictMismatch(validation.ConfigError):
   def summary(self, model: str, source: str) -> str:
     """One line: which keys of `source` do not fit `model`, and the models there are."""
     def some(names):
-      return f"{names[:3]}{' ...' if len(names) > 3 else ''}"
+      return f"{names[:3]}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
     parts = [f"{source} does not fit --model={model}: {self.num_mapped} of its {self.num_keys} "
              f"keys are arrays of that model"]
     if self.unexpected:
@@ -172,7 +172,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], target: Any, *, backbone_o
     if _is_ignored(key):
       report.skipped.append(key)
       continue
-    mapped = _map_key(key, sd[key], keys)
+    try:
+      mapped = _map_key(key, sd[key], keys)
+    except ValueError:  # No rule for it (not a conv / linear / BN array): not of this model.
+      unexpected.append(key)
+      continue
     if mapped is None:
       report.dropped.append(key)
       continue

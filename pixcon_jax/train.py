@@ -293,6 +293,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   prev: tuple[int, Any] | None = None
   acc, acc_n = None, 0
   step = start_step
+  logging.info("training from step %d to %d", start_step, total_steps)
   try:
     while step < total_steps:
       step += 1

@@ -26,8 +26,6 @@ from absl import logging
 import numpy as np
 
 from pixcon_jax import cli
-from pixcon_jax import convert
-from pixcon_jax import models
 from pixcon_jax import validation
 
 _MODEL = flags.DEFINE_string(
@@ -106,17 +104,19 @@ def main(argv: list[str]) -> None:
   for flag in (_TORCH, _OUT):
     if flag.value is None:
       raise app.UsageError(f"--{flag.name} is required")
-  if _MODEL.value is not None and _MODEL.value not in models.model_names():
-    raise validation.ConfigError(f"--model={_MODEL.value}: not a registered model; one of "
-                                 f"{', '.join(models.model_names())}")
   out = pathlib.Path(_OUT.value).resolve()
   if out.exists() and not _FORCE.value:
     raise validation.ConfigError(f"--out={out} exists; give a new folder or pass --force")
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-
   path = pathlib.Path(_TORCH.value)
   state_dict, config_dict = load_checkpoint(path, _ALLOW_PICKLE.value)
+  # JAX, flax and orbax only now: a bad file is reported without waiting for them.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import convert  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import models  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  if _MODEL.value is not None and _MODEL.value not in models.model_names():
+    raise validation.ConfigError(f"--model={_MODEL.value}: not a registered model; one of "
+                                 f"{', '.join(models.model_names())}")
   model = convert.resolve_model_name(_MODEL.value, config_dict, source=path.name)
   try:
     variables, report = convert.convert_for_model(

@@ -71,7 +71,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   absl's own flag errors would exit 1.
   """
   config_file = _config_file_of(argv)
-  if config_file and "--config" in flags.FLAGS and not os.path.isfile(config_file):
+  if config_file and "config" in flags.FLAGS and not os.path.isfile(config_file):
     fail(f"--config={config_file}: no such file (relative paths start at the current directory, "
          f"{os.getcwd()}); give a config such as configs/demo.py")
   try:

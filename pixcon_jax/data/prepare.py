@@ -21,7 +21,7 @@ def _check_manual_dir(dataset: str, manual_dir: str) -> None:
   """Raises MissingInputError naming the folder or the files the dataset needs."""
   if not os.path.isdir(manual_dir):
     raise validation.MissingInputError(
-        f"--manual_dir={manual_dir}: no such directory ({dataset}); see docs/DATA.md for the "
+        f"--manual_dir={manual_dir} does not exist ({dataset}); see docs/DATA.md for the "
         f"expected files")
   try:
     _check_dataset_files(dataset, manual_dir)

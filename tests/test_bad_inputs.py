@@ -799,7 +799,7 @@ def test_data_workers_ignore_sigterm_to_the_process_group(tmp_path):
   assert "batches after the signal: 3" in p.stdout
 
 
-SIGNAL_RUN = [  # configs/demo.py:runlocal shrunk; a stop request is looked for after every step
+SIGNAL_RUN = [  # configs/demo.py:runlocal shrunk
     # Without contrast (a model without projection head): the step compiles in half the time,
     # and stopping does not depend on the loss.
     "--config.model.name=hrnet_w18", "--config.contrast.enabled=False",
@@ -811,7 +811,10 @@ SIGNAL_RUN = [  # configs/demo.py:runlocal shrunk; a stop request is looked for 
     "--config.data.eval_batch_size=2", "--config.data.worker_count=1",
     "--config.memory.pixel_queue_size=16", "--config.schedule.total_steps=50",
     "--config.eval.every_steps=50", "--config.checkpoint.every_steps=50",
-    "--config.eval.num_summary_images=0", "--config.checkpoint.preemption_check_every_steps=1",
+    "--config.eval.num_summary_images=0",
+    # The stop is acted on at step 4: steps 2-4 need batches from the worker after the signal
+    # (with one batch prefetched), so a worker killed by it fails the run.
+    "--config.data.prefetch=1", "--config.checkpoint.preemption_check_every_steps=4",
 ]
 
 
@@ -848,14 +851,14 @@ def _train_and_signal(workdir, cache, marker, *, timeout=600):
   return proc.returncode, (lines[-1] if lines else ""), err
 
 
-def test_sigterm_during_the_first_step_saves_it_and_exits_143(tmp_path, compile_cache):
+def test_sigterm_during_the_first_step_saves_a_checkpoint_and_exits_143(tmp_path, compile_cache):
   run = tmp_path / "run"
   # Logged once the first batch is read, before the train step is compiled and run.
   rc, last, err = _train_and_signal(run, compile_cache, "step 1: batch ready")
   assert rc == checkpointing.EXIT_STOPPED, err[-3000:]
-  assert last == (f"stopped: SIGTERM received: saved the checkpoint of step 1 in {run}; rerun "
+  assert last == (f"stopped: SIGTERM received: saved the checkpoint of step 4 in {run}; rerun "
                   f"the same command to resume (exit code 143)"), err[-3000:]
-  assert "Traceback" not in err and (run / "checkpoints" / "1").is_dir()
+  assert "Traceback" not in err and (run / "checkpoints" / "4").is_dir()
 
 
 def test_sigterm_while_the_first_batch_loads_exits_143(tmp_path, compile_cache):
@@ -863,10 +866,10 @@ def test_sigterm_while_the_first_batch_loads_exits_143(tmp_path, compile_cache):
   # Logged just before the loop asks the (just started) data worker for the first batch.
   rc, last, err = _train_and_signal(run, compile_cache, "training from step 0")
   assert rc == checkpointing.EXIT_STOPPED, err[-3000:]
-  # The worker ignores the signal and the first step is saved; had the signal reached the
-  # worker before it could ignore it, the stop says that no checkpoint exists.
+  # The worker ignores the signal and step 4 is saved; had the signal reached the worker
+  # before it could ignore it, the stop says that no checkpoint exists.
   assert last in (
-      f"stopped: SIGTERM received: saved the checkpoint of step 1 in {run}; rerun the same "
+      f"stopped: SIGTERM received: saved the checkpoint of step 4 in {run}; rerun the same "
       f"command to resume (exit code 143)",
       f"stopped: SIGTERM received: stopped before the first checkpoint, so {run} holds none; "
       f"rerun the same command to start again (exit code 143)"), err[-3000:]

@@ -515,18 +515,20 @@ def _inference(config):
 # Rows 9 and 10: modes eval and predict read their weights with checkpointing.load_variables,
 # which falls back as a resumed training does (checkpointing.newest_readable).
 
-def test_eval_weights_fall_back_from_a_truncated_newest_checkpoint(workdir, tmp_path, caplog):
+def test_eval_falls_back_from_a_truncated_newest_checkpoint(workdir, tmp_path, caplog):
+  import json  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
   run = _broken_newest(workdir, tmp_path)
   config = demo_config()
-  exp = _inference(config)
+  config.mode = "eval"
+  config.eval.max_batches = 1
   with caplog.at_level(logging.INFO):
-    variables, source, step = checkpointing.load_variables(config, str(run),
-                                                           model=exp.eval_model, mesh=exp.mesh)
-  assert step == 1 and source.endswith("step 1"), source
+    evaluate.evaluate_checkpoint(config, str(run))
   assert "checkpoint of step 2 is unreadable" in caplog.text
   assert (f"using the checkpoint of step 1 in {run / 'checkpoints'} (the newest readable; "
           f"step 2 is not)") in caplog.text
-  assert set(variables) == {"params", "batch_stats"}
+  (record,) = [json.loads(p.read_text()) for p in run.glob("eval_*.json")]
+  assert record["step"] == 1 and record["weights"] == f"checkpoint {run / 'checkpoints'} step 1"
   # Modes eval and predict only read the run: nothing is renamed or deleted.
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]
 

@@ -131,6 +131,42 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return str(dst)
 
 
+def newest_readable(steps: Any, read: Callable[[int], Any], *, directory: Any,
+                    set_aside: Callable[[int], str] | None = None) -> tuple[Any, int] | None:
+  """`read(step)` of the newest step that reads back: the one fallback of train, eval, predict.
+
+  Args:
+    steps: the checkpoint steps there are (any order).
+    read: reads one step; raises `validation.InputError` when the step is readable but does
+      not fit the config (another model: no fallback), anything else when it does not read
+      back (a truncated file), and then the previous step is tried.
+    directory: the checkpoints' folder, for the messages.
+    set_aside: called with each unreadable step (training moves it out of the way, so that the
+      step can be saved anew); returns where it went. None: the folder is left as it is.
+  Returns:
+    (what `read` returned, step), or None when there is no step.
+  Raises:
+    validation.InputError from `read`; validation.ConfigError when no step reads back.
+  """
+  unreadable = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return read(step), step
+    except validation.InputError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # any read error: try an older one
+      moved = f"moved it to {set_aside(step)} and " if set_aside is not None else ""
+      logging.warning("checkpoint of step %d is unreadable (%s); %strying the previous one",
+                      step, _first_line(e), moved)
+      unreadable.append(step)
+  if unreadable:
+    what = "set aside as *.unreadable" if set_aside is not None else "unreadable"
+    raise validation.ConfigError(
+        f"no readable checkpoint under {directory} (steps {unreadable} {what}); delete that "
+        f"folder or use another --workdir to start afresh")
+  return None
+
+
 def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any,
                             *, explain_shapes: Callable[[], str] = lambda: ""
                             ) -> tuple[Any, Any, int] | None:
@@ -146,7 +182,6 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
     ConfigError when the newest readable checkpoint has other shapes than the config (a
     workdir of another model), or when no checkpoint reads back.
   """
-  skipped = []
   workdir = os.path.dirname(str(manager.directory))
 
   def other_model(step, differences):
@@ -156,35 +191,28 @@ def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
         f"{explain_shapes()} Use another --workdir for this config (or the config that run was "
         f"trained with).")
 
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      differ, one_side = shape_differences(manager, step, abstract_state)
-    except Exception as e:  # pylint: disable=broad-except  # unreadable metadata
-      differ, one_side, reason = [], [], e
-    else:
-      reason = None
+  def read(step):
+    differ, one_side = shape_differences(manager, step, abstract_state)  # unreadable: raises
     if differ:
       raise other_model(step, differ)
-    if reason is None:
-      try:
-        state, data_iter = restore(manager, step, abstract_state, data_iter)
-        if skipped:
-          manager.reload()  # Forget the steps set aside, so they can be saved anew.
-        return state, data_iter, step
-      except Exception as e:  # pylint: disable=broad-except  # any read error: try an older one
-        if one_side:  # Another state structure (e.g. memory settings), not a broken file.
-          raise other_model(step, one_side) from e
-        reason = e
+    try:
+      return restore(manager, step, abstract_state, data_iter)
+    except Exception as e:  # pylint: disable=broad-except
+      if one_side:  # Another state structure (e.g. memory settings), not a broken file.
+        raise other_model(step, one_side) from e
+      raise
+
+  def set_aside(step):
     moved = _set_aside(manager, step)
-    logging.warning("checkpoint of step %d is unreadable (%s); moved it to %s and trying the "
-                    "previous one", step, _first_line(reason), moved)
-    skipped.append(step)
-  if skipped:
-    manager.reload()
-    raise validation.ConfigError(
-        f"no readable checkpoint under {manager.directory} (steps {skipped} set aside as "
-        f"*.unreadable); delete that folder or use another --workdir to start afresh")
-  return None
+    manager.reload()  # Forget the step set aside, so that it can be saved anew.
+    return moved
+
+  found = newest_readable(manager.all_steps(), read, directory=manager.directory,
+                          set_aside=set_aside)
+  if found is None:
+    return None
+  (state, data_iter), step = found
+  return state, data_iter, step
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -206,10 +234,19 @@ class Stopped(Exception):
   from "finished" (0).
   """
 
-  def __init__(self, signal_name: str, step: int, workdir: str):
+  def __init__(self, signal_name: str, step: int | None, workdir: str, *, saved: bool = True):
+    """`step`: the checkpoint saved now (`saved`), else the latest one there is (None: none)."""
     self.exit_code = EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_STOPPED
-    super().__init__(f"{signal_name} received: saved the checkpoint of step {step} in {workdir}; "
-                     f"rerun the same command to resume (exit code {self.exit_code})")
+    if saved:
+      what = (f"saved the checkpoint of step {step} in {workdir}; rerun the same command to "
+              f"resume")
+    elif step is None:
+      what = (f"stopped before the first checkpoint, so {workdir} holds none; rerun the same "
+              f"command to start again")
+    else:
+      what = (f"stopped before a new checkpoint could be saved; the latest is step {step} in "
+              f"{workdir}; rerun the same command to resume from it")
+    super().__init__(f"{signal_name} received: {what} (exit code {self.exit_code})")
     self.step = step
 
 
@@ -255,6 +292,13 @@ class StopRequest:
   @property
   def requested(self) -> bool:
     return self._event.is_set()
+
+  def stopped_without_save(self, manager: ocp.CheckpointManager, workdir: Any) -> Stopped:
+    """The `Stopped` for a run that cannot save now (its data workers went with the signal)."""
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    manager.close()
+    return Stopped(self.signal_name or "stop request", latest, str(workdir), saved=False)
 
   def should_stop(self, manager: ocp.CheckpointManager, step: int) -> bool:
     """True (on every process alike) after a signal or at a TPU preemption sync point.
@@ -398,7 +442,7 @@ INFERENCE_COLLECTIONS = ("params", "batch_stats")
 
 
 def check_complete(variables: Mapping[str, Any], model: Any, name: str) -> None:
-  """Raises ValueError naming every missing or mis-shaped variable of `model` in `variables`.
+  """Raises ConfigError (a ValueError) naming every missing or mis-shaped variable of `model`.
 
   Args:
     variables: {"params", "batch_stats"} (arrays of any kind; other collections are ignored).
@@ -414,7 +458,7 @@ def check_complete(variables: Mapping[str, Any], model: Any, name: str) -> None:
   bad = [f"{'/'.join(p)} {tuple(np.shape(have[p]))} != {tuple(want[p].shape)}"
          for p in want if p in have and tuple(np.shape(have[p])) != tuple(want[p].shape)]
   if missing or bad:
-    raise ValueError(f"{name} does not fit the model: {len(missing)} missing "
+    raise validation.ConfigError(f"{name} does not fit the model: {len(missing)} missing "
                      f"{missing[:10]}, {len(bad)} shape mismatches {bad[:10]}")
 
 
@@ -430,31 +474,42 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str, *, model: An
   Returns:
     ({"params", "batch_stats"} replicated on the mesh, description of the source, step; 0
     for `init_from`).
+  The newest checkpoint that reads back is used (`newest_readable`, as a resumed training
+  does), and the step is logged.
   Raises:
-    validation.MissingInputError naming both places when neither has weights; ValueError when
-    the weights do not fit `model`.
+    validation.MissingInputError naming both places when neither has weights; ConfigError when
+    the weights do not fit `model` or no checkpoint reads back.
   """
   ckpt_dir = paths.resolve(workdir) / "checkpoints"
-  latest = None
+  steps = []
   if ckpt_dir.is_dir():
     with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         read_only=True)) as mngr:
-      latest = mngr.latest_step()
+      steps = list(mngr.all_steps())
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if latest is not None:
+  if steps:
     # Only {params, batch_stats} of the saved TrainState, restored partially and straight onto
     # the mesh: the optimizer state and the memory bank are never read, so a checkpoint of any
     # contrast / memory setting (e.g. an ablation's baseline) evaluates with any config.
     shapes = variable_shapes(model)
     target = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                               shapes.get(k, {})) for k in INFERENCE_COLLECTIONS}
-    path = ckpt_dir / str(latest) / STATE
-    variables = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-    variables = {k: variables.get(k, {}) for k in INFERENCE_COLLECTIONS}
-    check_complete(variables, model, f"checkpoint {path}")
-    return variables, f"checkpoint {ckpt_dir} step {latest}", int(latest)
+
+    def read(step):
+      path = ckpt_dir / str(step) / STATE
+      variables = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+      variables = {k: variables.get(k, {}) for k in INFERENCE_COLLECTIONS}
+      check_complete(variables, model, f"checkpoint {path}")  # another model: no fallback
+      return variables
+
+    # A run's folder is only read here: an unreadable step is skipped, not moved.
+    variables, step = newest_readable(steps, read, directory=ckpt_dir)
+    newest = max(steps)
+    logging.info("using the checkpoint of step %d in %s%s", step, ckpt_dir,
+                 "" if step == newest else f" (the newest readable; step {newest} is not)")
+    return variables, f"checkpoint {ckpt_dir} step {step}", int(step)
   if config.get("init_from"):
     variables = load_pretrained(config.init_from)
     variables = {k: variables.get(k, {}) for k in INFERENCE_COLLECTIONS}

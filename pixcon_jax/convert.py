@@ -27,6 +27,7 @@ import numpy as np
 
 from pixcon_jax import checkpointing
 from pixcon_jax import models
+from pixcon_jax import validation
 from pixcon_jax.models.registry import BACKBONE_PREFIX
 
 # Top-level torch modules (after an optional `backbone.`) that our models never use:
@@ -41,6 +42,42 @@ _BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
 _TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
                ("batch_stats", "var"): "running_var"}
+
+
+class StateDictMismatch(validation.ConfigError):
+  """A state_dict that does not fit the model: every missing, mis-shaped and unexpected key.
+
+  `str()` lists them all (one per line group); `summary()` is one line for the command line.
+  """
+
+  def __init__(self, *, missing: list[str], mismatched: list[str], unexpected: list[str],
+               num_keys: int, num_mapped: int):
+    self.missing, self.mismatched, self.unexpected = missing, mismatched, unexpected
+    self.num_keys, self.num_mapped = num_keys, num_mapped
+    msg = ["state_dict does not fit the model:"]
+    if missing:
+      msg.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+    if mismatched:
+      msg.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+    if unexpected:
+      msg.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    super().__init__("\n".join(msg))
+
+  def summary(self, model: str, source: str) -> str:
+    """One line: which keys of `source` do not fit `model`, and the models there are."""
+    def some(names):
+      return f"{names[:3]}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+    parts = [f"{source} does not fit --model={model}: {self.num_mapped} of its {self.num_keys} "
+             f"keys are arrays of that model"]
+    if self.unexpected:
+      parts.append(f"{len(self.unexpected)} keys are not, e.g. {some(self.unexpected)}")
+    if self.mismatched:
+      parts.append(f"{len(self.mismatched)} have other shapes, e.g. {some(self.mismatched)}")
+    if self.missing:
+      parts.append(f"{len(self.missing)} of the model's arrays are missing, e.g. "
+                   f"{some(self.missing)}")
+    return ("; ".join(parts) + f". Registered models: {', '.join(models.model_names())}; give "
+            f"the official checkpoint of one of them (--backbone_only for an ImageNet backbone)")
 
 
 @dataclasses.dataclass
@@ -119,7 +156,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], target: Any, *, backbone_o
     target's structure (only its "backbone" subtrees if `backbone_only`; overlay them on
     initialised variables with `merge_variables`).
   Raises:
-    ValueError: listing every missing key, shape mismatch and unexpected key.
+    StateDictMismatch (a ValueError): listing every missing key, shape mismatch and unexpected
+      key.
   """
   sd = strip_module_prefix(state_dict)
   keys = set(sd)
@@ -134,7 +172,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], target: Any, *, backbone_o
     if _is_ignored(key):
       report.skipped.append(key)
       continue
-    mapped = _map_key(key, sd[key], keys)
+    try:
+      mapped = _map_key(key, sd[key], keys)
+    except ValueError:  # No rule for it (not a conv / linear / BN array): not of this model.
+      unexpected.append(key)
+      continue
     if mapped is None:
       report.dropped.append(key)
       continue
@@ -155,15 +197,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], target: Any, *, backbone_o
   missing = [p for p in flat_target if p not in flat_out]
   if missing or mismatched or unexpected:
     prefix = 1 if backbone_only else 0
-    msg = ["state_dict does not fit the model:"]
-    if missing:
-      names = [torch_leaf_name((p[0], *p[1 + prefix:])) for p in missing]
-      msg.append(f"missing keys ({len(missing)}): " + ", ".join(names))
-    if mismatched:
-      msg.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
-    if unexpected:
-      msg.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    raise ValueError("\n".join(msg))
+    raise StateDictMismatch(
+        missing=[torch_leaf_name((p[0], *p[1 + prefix:])) for p in missing],
+        mismatched=mismatched, unexpected=unexpected, num_keys=len(sd),
+        num_mapped=len(report.mapped))
   return flax.traverse_util.unflatten_dict(flat_out), report
 
 
@@ -199,19 +236,19 @@ def resolve_model_name(requested: str | None, config_dict: Mapping[str, Any] | N
   Returns:
     The registered model name.
   Raises:
-    ValueError: one line, when `requested` contradicts the checkpoint's model, or when neither
+    validation.ConfigError (a ValueError): one line, when `requested` contradicts the checkpoint's model, or when neither
       gives a model.
   """
   recorded = checkpoint_model_name(config_dict)
   if recorded is None:
     if requested is None:
-      raise ValueError(f"{source} records no model (no config_dict network.model_name); "
+      raise validation.ConfigError(f"{source} records no model (no config_dict network.model_name); "
                        "pass --model")
     return requested
   if requested is not None and requested != recorded:
     official = config_dict["network"]["model_name"]
     held = recorded if official == recorded else f"{official} (registered here as {recorded})"
-    raise ValueError(f"--model={requested} does not match {source}, which holds model {held} "
+    raise validation.ConfigError(f"--model={requested} does not match {source}, which holds model {held} "
                      f"(config_dict network.model_name); pass --model={recorded} or omit it")
   return recorded
 

@@ -6,9 +6,18 @@ eval (`evaluate.evaluate_checkpoint`) or predict (`predict.predict_folder`).
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__mp_main__":
+  # A grain data worker: multiprocessing's spawn imports the trainer's main module first in
+  # every worker. Ignore SIGTERM / SIGINT from here on, before the slow imports below: a signal
+  # to the process group is the trainer's to act on (it saves, then stops its workers).
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+# pylint: disable=wrong-import-position
 import logging as std_logging
 import os
-import re
 import shutil
 import sys
 from typing import NoReturn
@@ -21,6 +30,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from pixcon_jax import checkpointing
+from pixcon_jax import cli
 from pixcon_jax import config_schema
 from pixcon_jax import log_filters
 from pixcon_jax import multihost
@@ -68,81 +78,8 @@ def maybe_initialize_distributed() -> str:
   return multihost.initialize()
 
 
-def fail(message: str, exit_code: int = validation.EXIT_BAD_INPUT, *,
-         prefix: str = "error") -> NoReturn:
-  """Ends the process with `prefix: message` as the last line of stderr (no traceback)."""
-  sys.stdout.flush()
-  print(f"{prefix}: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(exit_code)
-
-
-def _config_arg_of(argv: list[str]) -> str | None:
-  """The value of `--config=path.py[:arg]` (or `--config path.py[:arg]`), if given."""
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def _config_file_of(argv: list[str]) -> str | None:
-  """The file part of `--config=path.py[:arg]`, if given."""
-  arg = _config_arg_of(argv)
-  return arg.split(":", 1)[0] if arg is not None else None
-
-
-def _override_flag(argv: list[str], key: str) -> str:
-  """The `--config.a.b=v` argument whose last or inner path part is `key` (else '--config')."""
-  for a in argv:
-    name = a.split("=", 1)[0]
-    if name.startswith("--config.") and key in name[len("--config."):].split("."):
-      return a
-  return "--config"
-
-
-def _innermost_message(error: BaseException) -> str:
-  """ml_collections wraps KeyError('...Did you mean...') in AttributeError(KeyError)."""
-  while error.args and isinstance(error.args[0], BaseException):
-    error = error.args[0]
-  return str(error.args[0]) if len(error.args) == 1 else str(error)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing whose failures end in one line naming the flag, exit code 2.
-
-  ml_collections raises from deep inside flag parsing (a misspelt `--config.a.b` is a chained
-  AttributeError; a missing config file an OSError), which absl would show as a traceback.
-  """
-  # A second parse in one process (`run` called again) defines the `--config.a.b` override
-  # flags anew: the previous parse's must go first.
-  for name in [n for n in FLAGS if n.startswith("config.")]:
-    delattr(FLAGS, name)
-  config_file = _config_file_of(argv)
-  if config_file and not os.path.isfile(config_file):
-    fail(f"--config={config_file}: no such file (relative paths start at the current directory, "
-         f"{os.getcwd()}); give a config such as configs/demo.py")
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    text = str(e)
-    if "Traceback (most recent call last)" in text:
-      # An exception inside the config file's get_config(arg): its last line says what failed.
-      lines = [line.strip() for line in text.splitlines() if line.strip()]
-      fail(f"--config={_config_arg_of(argv)}: {lines[-1]}")
-    # A value of the wrong type: "flag --config.a.b=maybe: ('Non-boolean argument ...', 'maybe')".
-    override = re.fullmatch(r"flag (--config\.[^=]+=.*?): \('([^']*)', .*\)", text, re.S)
-    if override:
-      fail(f"{override.group(1)}: {override.group(2)}")
-    fail(f"{text}; see --helpshort")
-  except (AttributeError, KeyError) as e:
-    text = _innermost_message(e)
-    key = text.split("\n")[0].strip("'\"")
-    hint = text.split("\n", 1)[1] if "\n" in text else ""
-    fail(f"{_override_flag(argv, key)}: the config has no key {key!r}. {hint}".strip())
-  except Exception as e:  # pylint: disable=broad-except
-    # Errors raised by the config file itself (get_config(arg)) or by a value's type.
-    fail(f"--config={config_file}: {type(e).__name__}: {_innermost_message(e)}")
+# Flag errors end in one `error:` line, exit 2 (the rule shared with the scripts: cli.py).
+parse_flags = cli.parse_flags
 
 
 def main(argv: list[str]) -> None:
@@ -178,16 +115,16 @@ def main(argv: list[str]) -> None:
                                 num_devices=jax.device_count())
     validation.check_output_dir(workdir, "--workdir")
   except validation.InputError as e:
-    fail(str(e))
+    cli.fail(str(e))
   new_workdir = _new_local_dir(workdir)
   try:
     run_mode(config, workdir)
   except validation.InputError as e:
     if new_workdir:
       _remove_failed_start(new_workdir)
-    fail(str(e))
+    cli.fail(str(e))
   except checkpointing.Stopped as e:
-    fail(str(e), e.exit_code, prefix="stopped")
+    cli.fail(str(e), e.exit_code, prefix="stopped")
 
 
 def _new_local_dir(workdir: str) -> str | None:

@@ -30,7 +30,7 @@ class Experiment:
   """What evaluation and prediction need, built once from a config (`for_inference`).
 
   Attributes:
-    config: the experiment config (validated by `validation.validate_config`).
+    config: the experiment config (checked by `config_schema.check_config`).
     mesh: 1-D mesh over every device, axis 'data' (`sharding.make_mesh`).
     info: the configured dataset (classes, palette, splits, sizes).
     eval_model: the model in inference form: BN uses running statistics, no axis name.

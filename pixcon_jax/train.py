@@ -211,13 +211,40 @@ def _check_finite(metrics: Mapping[str, jax.Array], step: int, manager) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
+  SIGTERM / SIGINT are caught from the start (setup and compiling included) and acted on at
+  the next stop check of the loop (`checkpoint.preemption_check_every_steps`).
+
   Returns:
     The final evaluation metrics (`miou`, `iou/<class>`, ...).
   Raises:
     checkpointing.Stopped after saving a checkpoint when a signal or preemption notice stopped
-    the run early (its `exit_code` is what `main` exits with).
+    the run early (its `exit_code` is what `main` exits with); without saving when the data
+    workers went with the signal (its message names the latest checkpoint, if any).
     validation.InputError for a workdir or init_from that does not fit the config.
   """
+  stop = checkpointing.StopRequest(
+      every_steps=config.checkpoint.preemption_check_every_steps).install()
+  try:
+    return _train_and_evaluate(config, workdir, stop)
+  finally:
+    stop.uninstall()
+
+
+def _next_or_stop(iterator: Any, stop: checkpointing.StopRequest, manager: Any,
+                  workdir: Any) -> Any:
+  """next(iterator); if it fails after a stop request (a data worker that the signal reached
+  before it could ignore it), the stop it is: `Stopped` without a save."""
+  try:
+    return next(iterator)
+  except Exception as e:  # pylint: disable=broad-except
+    if not stop.requested:
+      raise
+    raise stop.stopped_without_save(manager, workdir) from e
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: checkpointing.StopRequest) -> dict[str, Any]:
+  """`train_and_evaluate` with its stop request installed."""
   workdir = paths.resolve(workdir)  # A local directory or a gs:// URL.
   workdir.mkdir(parents=True, exist_ok=True)
   exp = setup.for_training(config)
@@ -261,18 +288,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluator = evaluate_lib.make_evaluator(c, exp.eval_model, exp.mesh,
                                           class_names=exp.info.class_names)
   predictor = make_summary_predictor(exp)
-  stop = checkpointing.StopRequest(
-      every_steps=c.checkpoint.preemption_check_every_steps).install()
 
   eval_metrics: dict[str, Any] = {}
   prev: tuple[int, Any] | None = None
   acc, acc_n = None, 0
   step = start_step
+  logging.info("training from step %d to %d", start_step, total_steps)
   try:
     while step < total_steps:
       step += 1
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = next(train_iter)
+        batch = _next_or_stop(train_iter, stop, manager, workdir)
+        if step == start_step + 1:
+          logging.info("step %d: batch ready; compiling the train step", step)
         batch = sharding.host_local_to_global(
             {k: batch[k] for k in train_step_lib.TRAIN_BATCH_KEYS}, exp.mesh)
         state, metrics = step_fn(state, batch)
@@ -294,7 +322,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       is_eval = step % c.eval.every_steps == 0 or is_last
       if is_eval:
-        eval_metrics = evaluate(exp, evaluator, predictor, state, writer, step)
+        try:
+          eval_metrics = evaluate(exp, evaluator, predictor, state, writer, step)
+        except Exception as e:  # pylint: disable=broad-except  # as in _next_or_stop
+          if not stop.requested:
+            raise
+          raise stop.stopped_without_save(manager, workdir) from e
       if step % c.checkpoint.every_steps == 0 or is_eval:
         _check_finite(metrics, step, manager)
         checkpointing.save(manager, step, state, train_iter,
@@ -313,7 +346,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.close()
         raise checkpointing.Stopped(stop.signal_name or "stop request", step, workdir)
   finally:
-    stop.uninstall()
     data_lib.close_iterator(train_iter)
     manager.wait_until_finished()
     writer.flush()

@@ -8,6 +8,7 @@ config's values are checked by `pixcon_jax.config_schema` before anything runs.
 from __future__ import annotations
 
 import os
+import tempfile
 
 EXIT_BAD_INPUT = 2  # As for a usage error: the run did not start.
 MODES = ("train", "eval", "predict")
@@ -27,13 +28,18 @@ class MissingInputError(InputError, FileNotFoundError):
 
 
 def check_output_dir(path: str, key: str) -> None:
-  """Fails if `path` (a folder to create or reuse; empty is allowed) cannot be a directory.
+  """Fails if `path` (a folder to create or reuse; empty is allowed) cannot be written.
+
+  Creates nothing that stays: the nearest existing folder (`path` itself or a parent) is
+  probed by creating and removing a temporary folder in it, since permission bits alone do
+  not tell (root passes `os.access` on /proc, where nothing can be created).
 
   Args:
     path: the folder; it may not exist yet.
     key: how the user gave it (`--workdir`, `config.predict.output_dir`), for the message.
   Raises:
-    ConfigError when `path` or one of its parents is an existing non-directory.
+    ConfigError when `path` or one of its parents is an existing non-directory, or when no
+    folder can be created in the nearest existing one.
   """
   if not path or "://" in path:  # Remote folders (gs://) are checked by their file system.
     return
@@ -47,3 +53,8 @@ def check_output_dir(path: str, key: str) -> None:
     where = "is a file" if current == os.path.abspath(path) else f"is under the file {current!r}"
     raise ConfigError(f"{key}={path!r} {where}: expected a directory (give a new or existing "
                      f"folder)")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".pixcon_probe_", dir=current))
+  except OSError as e:
+    raise ConfigError(f"{key}={path!r}: cannot create a folder in {current!r} "
+                      f"({e.strerror or e}): give a writable folder") from None

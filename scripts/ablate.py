@@ -39,6 +39,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pixcon_jax import cli
+from pixcon_jax import config_schema
+
 BASELINE = ("baseline", "Baseline (w/o contrast)", {"contrast.enabled": False}, 78.1)
 
 # table -> [(variant id, paper row name, overrides, paper Cityscapes val mIoU)].
@@ -186,6 +189,7 @@ def run_ablation(config: Any, table: str, steps: int, workdir: str, *,
       cfg.eval.every_steps = int(steps)
     result = Result(table=tab, variant=name, paper_row=row, overrides=dict(overrides),
                     paper_miou=paper, steps=int(steps))
+    config_schema.check_config(cfg)  # A variant's overrides meet the schema like main's config.
     key = _fingerprint(cfg)
     if key in done:  # Same resulting config as an earlier variant (e.g. the full method).
       prev = done[key]
@@ -293,13 +297,19 @@ def main(argv: Sequence[str]) -> None:
     seeds = parse_seeds(FLAGS.seeds)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if FLAGS.steps < 1:
+    raise app.UsageError(f"--steps={FLAGS.steps}: expected a positive integer")
+  known = {v[0] for _, v in variants_of(FLAGS.table)}
+  unknown = sorted(set(FLAGS.variants or ()) - known)
+  if unknown:
+    raise app.UsageError(f"--variants: {unknown} are not variants of --table={FLAGS.table}; "
+                         f"expected some of {sorted(known)}")
   try:
     results = run_ablation(FLAGS.config, FLAGS.table, FLAGS.steps, FLAGS.workdir,
                            only=FLAGS.variants, seeds=seeds)
   except checkpointing.Stopped as e:
     # The variant's checkpoint is saved; a rerun resumes it and skips the finished ones' work.
-    print(f"stopped: {e}", file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
+    cli.fail(str(e), e.exit_code, prefix="stopped")
   md, js = write_results(results, FLAGS.workdir, FLAGS.table)
   print(md)
   print(js)
@@ -308,4 +318,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

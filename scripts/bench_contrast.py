@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixcon_jax import cli
 from pixcon_jax.cpu import host_memory
 from pixcon_jax.cpu import xla_flags
 from pixcon_jax.contrast import loss as loss_lib
@@ -276,7 +277,7 @@ def _log(msg):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
+  parser = cli.ArgumentParser()
   parser.add_argument("--skip_train_step", action="store_true")
   parser.add_argument("--skip_naive_paper", action="store_true")
   parser.add_argument("--repeats", type=int, default=3)

@@ -22,6 +22,8 @@ import time
 from absl import app
 from absl import flags
 
+from pixcon_jax import cli
+
 flags.DEFINE_string("model", "hrnet_w48_contrast", "Registered model name.")
 flags.DEFINE_integer("batch", 2, "Batch size.")
 flags.DEFINE_list("crop", ["256", "512"], "Input h,w.")
@@ -83,7 +85,7 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from pixcon_jax.cpu import conv  # pylint: disable=g-import-not-at-top
-  h, w = (int(v) for v in FLAGS.crop)
+  h, w = cli.int_list(FLAGS.crop, "crop", length=2)
   shapes = conv_shapes(FLAGS.model, FLAGS.num_classes, (FLAGS.batch, h, w, 3))
   totals = collections.Counter()
   for (xs, ks, s, p, d), count in sorted(shapes.items(), key=lambda kv: -kv[1]):
@@ -106,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

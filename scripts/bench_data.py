@@ -17,6 +17,7 @@ import psutil
 from absl import app
 from absl import flags
 
+from pixcon_jax import cli
 from pixcon_jax.data import pipeline
 from pixcon_jax.data import datasets
 from pixcon_jax.data import synthetic
@@ -65,19 +66,20 @@ def _measure(source, workers: int) -> dict:
 
 def main(argv):
   del argv
+  worker_counts = cli.int_list(_WORKERS.value, "workers", minimum=0)  # Before the rendering.
   examples = [synthetic.render(0, i, (1024, 2048)) for i in range(_NUM_IMAGES.value)]
   n = 100_000
   result = {"input_size": [1024, 2048], "crop_size": [512, 1024],
             "batch_size": _BATCH_SIZE.value, "cpu_count": os.cpu_count(), "arrays": [],
             "decode_png": []}
-  for w in map(int, _WORKERS.value):
+  for w in worker_counts:
     result["arrays"].append(_measure(datasets.InMemorySource(examples, n), w))
   if _DECODE_PNG.value:
-    for w in map(int, _WORKERS.value):
+    for w in worker_counts:
       result["decode_png"].append(
           _measure(datasets.InMemorySource(examples, n, encode_png=True), w))
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,6 +23,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from pixcon_jax import cli
 from pixcon_jax import models
 import xla_cost
 
@@ -51,10 +52,10 @@ def measure(name: str, size: tuple[int, int], num_classes: int, compile_: bool) 
 
 def main(argv: list[str]) -> None:
   del argv
-  size = tuple(int(s) for s in _SIZE.value)
+  size = tuple(cli.int_list(_SIZE.value, "size", length=2))
   for name in _MODELS.value or models.model_names():
     print(json.dumps(measure(name, size, _NUM_CLASSES.value, not _NO_COMPILE.value)), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

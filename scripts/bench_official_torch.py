@@ -30,11 +30,18 @@ def _shim_cpu(torch):
   torch.nn.SyncBatchNorm = torch.nn.BatchNorm2d
 
 
+def _fail(message: str) -> None:
+  """Bad input: one `error:` line and exit 2, as pixcon_jax.cli.fail (not imported: this runs
+  under the PyTorch interpreter, which may lack this project's dependencies)."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def _configer(repo: str, batch: int):
   from lib.utils.tools.configer import Configer  # pylint: disable=g-import-not-at-top
   path = os.path.join(repo, "configs", "cityscapes", "H_48_D_4.json")
   if not os.path.isfile(path):
-    sys.exit(f"--official_repo={repo}: no configs/cityscapes/H_48_D_4.json there; expected a "
+    _fail(f"--official_repo={repo}: no configs/cityscapes/H_48_D_4.json there; expected a "
              "checkout of tfzhou/ContrastiveSeg")
   configer = Configer(configs=path)
   # The keys that the official run script (run_h_48_d_4_contrast.sh) sets on the command line.
@@ -60,7 +67,7 @@ def _check_contrast_has_anchors(labels, max_views: int, crop) -> None:
   """
   per_image = [int(row.bincount().max()) for row in labels[:, ::4, ::4].reshape(len(labels), -1)]
   if max(per_image) <= max_views:
-    sys.exit(f"--crop {crop[0]} {crop[1]}: too small for the official contrast loss: the most "
+    _fail(f"--crop {crop[0]} {crop[1]}: too small for the official contrast loss: the most "
              f"frequent class of the random labels has {max(per_image)} pixels at 1/4 "
              f"resolution, and it needs more than max_views={max_views}; use at least 128 256")
 
@@ -74,6 +81,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--crop", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
   p.add_argument("--variants", default="ce,contrast")
+  p.error = lambda message: _fail(f"{message}; see --help")
   args = p.parse_args()
 
   import torch  # pylint: disable=g-import-not-at-top

@@ -42,6 +42,8 @@ from absl import app
 from absl import flags
 import xla_cost  # scripts/xla_cost.py
 
+from pixcon_jax import cli
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 flags.DEFINE_string("config", "cityscapes_hrnet", "Experiment config module in configs/.")
@@ -233,8 +235,11 @@ def against_official(results: dict, official: dict) -> dict:
 
 def main(argv):
   del argv
+  unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
   if "official" in (FLAGS.arg or "").split(","):
-    raise SystemExit("--arg must not contain 'official': the variant 'official' is the official "
+    raise app.UsageError("--arg must not contain 'official': the variant 'official' is the official "
                      "recipe and 'paper' the paper's (--variants)")
   if FLAGS.tune_xla_cpu:
     from pixcon_jax.cpu import xla_flags  # pylint: disable=g-import-not-at-top
@@ -243,7 +248,7 @@ def main(argv):
     from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages([sys.executable, *sys.argv])
   import jax  # pylint: disable=g-import-not-at-top
-  crop = [int(v) for v in FLAGS.crop]
+  crop = cli.int_list(FLAGS.crop, "crop", length=2)
   out = {"model": FLAGS.model, "batch": FLAGS.batch, "crop": crop,
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
          "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -252,7 +257,7 @@ def main(argv):
          "loadavg_1m": os.getloadavg()[0]}
   official = None
   if FLAGS.official_repo and FLAGS.model != "hrnet_w48_contrast":
-    raise SystemExit(f"--official_repo times the official HRNet_W48_CONTRAST only, not "
+    raise app.UsageError(f"--official_repo times the official HRNet_W48_CONTRAST only, not "
                      f"--model={FLAGS.model}")
   if FLAGS.official_repo:
     # First, so that both run on the same (otherwise idle) machine one after the other.
@@ -269,4 +274,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

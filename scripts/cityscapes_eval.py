@@ -18,11 +18,13 @@ import io
 import json
 import os
 import pathlib
-import sys
 from typing import Any
 
 from absl import app
 from absl import flags
+
+from pixcon_jax import cli
+from pixcon_jax import validation
 
 _CITYSCAPES_DIR = flags.DEFINE_string(
     "cityscapes_dir", None, "Folder holding gtFine/<split>/<city>/*_gtFine_labelIds.png.")
@@ -38,18 +40,18 @@ def evaluate(cityscapes_dir: str, predictions: str, split: str = "val") -> dict[
     cityscapesscripts' result dict (`averageScoreClasses`, `classScores` by class name with NaN
     for ignored or absent classes, `confMatrix` [34, 34] over label ids, ...) plus `num_images`.
   Raises:
-    FileNotFoundError naming the folder when no ground truth or no prediction is found;
-    ValueError with cityscapesscripts' own message when it refuses a prediction.
+    validation.MissingInputError (a FileNotFoundError) naming the folder when no ground truth
+    or no prediction is found; validation.ConfigError (a ValueError) with cityscapesscripts' own message when it refuses a prediction.
   """
   from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(os.path.expanduser(cityscapes_dir))
   gts = sorted(str(p) for p in root.glob(f"gtFine/{split}/*/*_gtFine_labelIds.png"))
   if not gts:
-    raise FileNotFoundError(f"--cityscapes_dir={cityscapes_dir}: no gtFine/{split}/*/"
+    raise validation.MissingInputError(f"--cityscapes_dir={cityscapes_dir}: no gtFine/{split}/*/"
                             f"*_gtFine_labelIds.png (extract gtFine_trainvaltest.zip there)")
   pred_dir = os.path.expanduser(predictions)
   if not os.path.isdir(pred_dir):
-    raise FileNotFoundError(f"--predictions={predictions}: not a folder")
+    raise validation.MissingInputError(f"--predictions={predictions}: not a folder")
   args = copy.copy(cs_eval.args)
   args.predictionPath, args.predictionWalk = pred_dir, None
   args.evalInstLevelScore = False
@@ -59,7 +61,7 @@ def evaluate(cityscapes_dir: str, predictions: str, split: str = "val") -> dict[
     try:
       preds.append(cs_eval.getPrediction(args, gt))
     except SystemExit:  # cityscapesscripts exits when a prediction is missing
-      raise FileNotFoundError(
+      raise validation.MissingInputError(
           f"--predictions={predictions}: no prediction for {os.path.basename(gt)} (predict every "
           f"image of leftImg8bit/{split} with label_format=label_id into one folder)") from None
   stdout = io.StringIO()
@@ -68,7 +70,7 @@ def evaluate(cityscapes_dir: str, predictions: str, split: str = "val") -> dict[
       result = cs_eval.evaluateImgLists(preds, gts, args)
   except SystemExit:
     said = [line for line in stdout.getvalue().splitlines() if line.strip()]
-    raise ValueError(f"--predictions={predictions}: cityscapesscripts stopped: "
+    raise validation.ConfigError(f"--predictions={predictions}: cityscapesscripts stopped: "
                      f"{said[-1] if said else 'no message'} (expected single-channel label-id "
                      f"PNGs of the ground truth's size)") from None
   result["num_images"] = len(gts)
@@ -76,17 +78,14 @@ def evaluate(cityscapes_dir: str, predictions: str, split: str = "val") -> dict[
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _CITYSCAPES_DIR.value or not _PREDICTIONS.value:
     raise app.UsageError("give --cityscapes_dir and --predictions")
-  try:
-    result = evaluate(_CITYSCAPES_DIR.value, _PREDICTIONS.value, _SPLIT.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  result = evaluate(_CITYSCAPES_DIR.value, _PREDICTIONS.value, _SPLIT.value)
   print(json.dumps({"miou": result["averageScoreClasses"], "num_images": result["num_images"],
                     "class_iou": result["classScores"]}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

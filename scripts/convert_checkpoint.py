@@ -17,7 +17,6 @@ initialised variables with `pixcon_jax.convert.merge_variables`.
 from __future__ import annotations
 
 import pathlib
-import sys
 import zipfile
 from typing import Any
 
@@ -26,7 +25,8 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from pixcon_jax import convert
+from pixcon_jax import cli
+from pixcon_jax import validation
 
 _MODEL = flags.DEFINE_string(
     "model", None, "registered model name, e.g. hrnet_w48_contrast; optional when the checkpoint "
@@ -57,23 +57,41 @@ def _config_dict(obj: Any) -> dict[str, Any] | None:
   return config_dict if isinstance(config_dict, dict) else None
 
 
+def _looks_like_torch_file(path: pathlib.Path) -> bool:
+  """A `torch.save` file is a zip (PyTorch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
+  with open(path, "rb") as f:
+    head = f.read(1)
+  return zipfile.is_zipfile(path) or head == b"\x80"
+
+
 def load_checkpoint(path: pathlib.Path, allow_pickle: bool = False
                     ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
-  """(name -> numpy array, the checkpoint's `config_dict` or None) from a .npz or a .pth."""
+  """(name -> numpy array, the checkpoint's `config_dict` or None) from a .npz or a .pth.
+
+  Raises:
+    validation.InputError naming `--torch` when the file is missing, is not what its suffix
+    says, or needs PyTorch where it is not installed.
+  """
   if not path.is_file():
-    raise SystemExit(f"error: --torch={path}: no such file")
+    raise validation.MissingInputError(f"--torch={path}: no such file")
   if path.suffix == ".npz":
     # np.load reads a non-zip file as a pickle and then blames allow_pickle; say what it is.
     if not zipfile.is_zipfile(path):
-      raise SystemExit(f"error: --torch={path} is not an .npz archive (not a zip file); give "
-                       f"the state_dict saved with numpy.savez, or the .pth itself")
+      raise validation.ConfigError(
+          f"--torch={path} is not an .npz archive (not a zip file); give the state_dict saved "
+          f"with numpy.savez, or the .pth itself")
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}, None
+  if not _looks_like_torch_file(path):
+    raise validation.ConfigError(
+        f"--torch={path} is not a PyTorch checkpoint (neither a zip nor a pickle written by "
+        f"torch.save); give the official .pth, or an .npz of its state_dict")
   try:
     import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise SystemExit(f"reading {path} needs PyTorch (pip install torch), or pass an .npz of the "
-                     f"state_dict instead: {e}") from e
+  except ImportError:
+    raise validation.ConfigError(
+        f"--torch={path}: reading a .pth needs PyTorch, which is not installed (pip install "
+        f"torch); or give an .npz of the state_dict (numpy.savez)") from None
   obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
   state_dict = {k: v.detach().cpu().numpy() for k, v in _unwrap(obj).items()
                 if hasattr(v, "detach")}
@@ -81,24 +99,32 @@ def load_checkpoint(path: pathlib.Path, allow_pickle: bool = False
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   for flag in (_TORCH, _OUT):
     if flag.value is None:
       raise app.UsageError(f"--{flag.name} is required")
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-
+  out = pathlib.Path(_OUT.value).resolve()
+  if out.exists() and not _FORCE.value:
+    raise validation.ConfigError(f"--out={out} exists; give a new folder or pass --force")
   path = pathlib.Path(_TORCH.value)
   state_dict, config_dict = load_checkpoint(path, _ALLOW_PICKLE.value)
+  # JAX, flax and orbax only now: a bad file is reported without waiting for them.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import convert  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import models  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  if _MODEL.value is not None and _MODEL.value not in models.model_names():
+    raise validation.ConfigError(f"--model={_MODEL.value}: not a registered model; one of "
+                                 f"{', '.join(models.model_names())}")
+  model = convert.resolve_model_name(_MODEL.value, config_dict, source=path.name)
   try:
-    model = convert.resolve_model_name(_MODEL.value, config_dict, source=path.name)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
-  variables, report = convert.convert_for_model(
-      model, state_dict, num_classes=_NUM_CLASSES.value,
-      backbone_only=_BACKBONE_ONLY.value)
+    variables, report = convert.convert_for_model(
+        model, state_dict, num_classes=_NUM_CLASSES.value,
+        backbone_only=_BACKBONE_ONLY.value)
+  except convert.StateDictMismatch as e:
+    raise validation.ConfigError(e.summary(model, f"--torch={path}")) from None
   print(report.summary())
-  out = pathlib.Path(_OUT.value).resolve()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(out, variables, force=_FORCE.value)
   checkpointer.wait_until_finished()
@@ -106,4 +132,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  cli.run(main)

@@ -36,6 +36,9 @@ from absl import logging
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
+from pixcon_jax import cli
+from pixcon_jax import validation
+
 
 # ------------------------------------------------------------------------------------------
 # Projections.
@@ -193,8 +196,9 @@ def sample_embeddings(config: Any, workdir: str, *, num_batches: int, per_class:
   def features(v, image):
     out = exp.eval_model.apply(v, image, train=False)
     if feature_key not in out:
-      raise KeyError(f"model {config.model.name!r} has no output {feature_key!r} "
-                     f"(outputs: {sorted(out)}); use a *_contrast model or --feature_key")
+      raise validation.ConfigError(
+          f"--feature_key={feature_key}: model {config.model.name!r} has no such output "
+          f"(outputs: {sorted(out)}); use a *_contrast model or another --feature_key")
     feat = out[feature_key]
     if isinstance(feat, (list, tuple)):
       # Backbone outputs (`features`, e.g. of a CE-only model without projection head): the
@@ -244,7 +248,7 @@ def run(config: Any, workdir: str, *, num_batches: int = 4, per_class: int = 100
   elif method == "pca":
     points = pca(emb)
   else:
-    raise ValueError(f"--method must be 'tsne' or 'pca', got {method!r}")
+    raise validation.ConfigError(f"--method must be 'tsne' or 'pca', got {method!r}")
   image = render(points, lab, np.asarray(info.palette), info.class_names,
                  title=f"{config.model.name} | {feature_key} | {method} | {source}")
   output = output or os.path.join(workdir, f"embeddings_{method}.png")
@@ -291,4 +295,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)  # Bad flags or input: one `error:` line, exit 2.

@@ -436,33 +436,6 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path, caplog):
   assert "g16.png is I;16 grayscale" in caplog.text and "scaled to 8 bits" in caplog.text
 
 
-def test_convert_checkpoint_names_a_text_file_posing_as_npz(tmp_path):
-  fake = tmp_path / "weights.npz"
-  fake.write_text("not an archive\n")
-  p = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--model",
-                      "hrnet_w18_contrast", "--torch", str(fake), "--out", str(tmp_path / "o")],
-                     cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                        PYTHONPATH=str(REPO)),
-                     capture_output=True, text=True, timeout=120)
-  assert p.returncode == 1
-  last = (p.stdout + p.stderr).strip().splitlines()[-1]
-  assert last == (f"error: --torch={fake} is not an .npz archive (not a zip file); give the "
-                  f"state_dict saved with numpy.savez, or the .pth itself")
-  assert "allow_pickle" not in p.stdout + p.stderr
-
-
-def test_prepare_data_missing_zip_is_one_line(tmp_path):
-  p = subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset", "cityscapes",
-                      "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "d")], cwd=REPO,
-                     env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                     timeout=120)
-  assert p.returncode == 1
-  assert p.stderr.strip().splitlines()[-1].startswith(
-      "error: Cityscapes: missing ['leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip'] in "
-      f"manual directory '{tmp_path}'"), p.stderr[-2000:]
-  assert "Traceback" not in p.stderr
-
-
 def test_prepare_data_redoes_an_extraction_of_a_replaced_zip(tmp_path, caplog):
   from pixcon_jax.data import prepare  # pylint: disable=g-import-not-at-top
   manual, downloads = tmp_path / "manual", tmp_path / "data" / "downloads"
@@ -584,3 +557,394 @@ def test_unprepared_dataset_is_an_input_error_naming_the_folder_and_the_fix(tmp_
   assert str(tmp_path / "none") in str(e.value) and "prepare_data.py" in str(e.value)
   # Only our instruction: not TFDS's hints about download_and_prepare or TFRECORD folders.
   assert "TFRECORD" not in str(e.value) and "download_and_prepare" not in str(e.value)
+
+
+# ==== issue 28, rows 9-16 and 18: eval / predict fallback, scripts, SIGTERM at any time ======
+# Each bad input ends in exit 2 and one `error:` line naming the flag, key or file (no
+# traceback); the signal in exit 143 and one `stopped:` line.
+
+def _script(name, *args, timeout=180):
+  """`python scripts/NAME ARGS` -> (exit code, last non-empty line of stderr, stdout+stderr)."""
+  p = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], cwd=REPO,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+                     capture_output=True, text=True, timeout=timeout)
+  lines = [line for line in p.stderr.splitlines() if line.strip()]
+  return p.returncode, (lines[-1] if lines else ""), p.stdout + p.stderr
+
+
+def _broken_newest(workdir, tmp_path):
+  """A copy of the module's run whose newest checkpoint (step 2) has a truncated file."""
+  run = _copy(workdir, tmp_path)
+  _truncate_largest_file(run / "checkpoints" / "2" / "state")
+  return run
+
+
+def _inference(config):
+  from pixcon_jax import setup  # pylint: disable=g-import-not-at-top
+  return setup.for_inference(config)
+
+
+# Rows 9 and 10: modes eval and predict read their weights with checkpointing.load_variables,
+# which falls back as a resumed training does (checkpointing.newest_readable).
+
+def test_eval_falls_back_from_a_truncated_newest_checkpoint(workdir, tmp_path, caplog):
+  import json  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import evaluate  # pylint: disable=g-import-not-at-top
+  run = _broken_newest(workdir, tmp_path)
+  config = demo_config()
+  config.mode = "eval"
+  config.eval.max_batches = 1
+  with caplog.at_level(logging.INFO):
+    evaluate.evaluate_checkpoint(config, str(run))
+  assert "checkpoint of step 2 is unreadable" in caplog.text
+  assert (f"using the checkpoint of step 1 in {run / 'checkpoints'} (the newest readable; "
+          f"step 2 is not)") in caplog.text
+  (record,) = [json.loads(p.read_text()) for p in run.glob("eval_*.json")]
+  assert record["step"] == 1 and record["weights"] == f"checkpoint {run / 'checkpoints'} step 1"
+  # Modes eval and predict only read the run: nothing is renamed or deleted.
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_predict_runs_on_the_previous_checkpoint_and_reports_it(workdir, tmp_path):
+  run = _broken_newest(workdir, tmp_path)
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(inputs / "a.png")
+  config = demo_config()
+  config.mode = "predict"
+  config.predict.input_dir = str(inputs)
+  config.predict.output_dir = str(tmp_path / "out")
+  report = predict.predict_folder(config, str(run))
+  assert report["weights"] == f"checkpoint {run / 'checkpoints'} step 1"
+  assert [w["input"] for w in report["written"]] == ["a.png"]
+
+
+def test_no_readable_checkpoint_for_eval_is_named(workdir, tmp_path):
+  run = _copy(workdir, tmp_path)
+  for step in ("1", "2"):
+    _truncate_largest_file(run / "checkpoints" / step / "state")
+  config = demo_config()
+  exp = _inference(config)
+  with pytest.raises(validation.ConfigError, match=r"^no readable checkpoint under .*checkpoints "
+                     r"\(steps \[2, 1\] unreadable\); delete that folder"):
+    checkpointing.load_variables(config, str(run), model=exp.eval_model, mesh=exp.mesh)
+
+
+# Row 11: an output folder that cannot be created fails before anything is loaded.
+
+def test_predict_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / "a.png")
+  rc, last, out = _main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path / 'w'}",
+                        "--config.mode=predict", f"--config.predict.input_dir={inputs}",
+                        "--config.predict.output_dir=/proc/pixcon_pred")
+  assert rc == validation.EXIT_BAD_INPUT, out[-3000:]
+  assert last == ("error: config.predict.output_dir='/proc/pixcon_pred': cannot create a folder "
+                  "in '/proc' (No such file or directory): give a writable folder"), out[-3000:]
+  assert "Traceback" not in out and not (tmp_path / "w").exists()
+
+
+def test_predict_checks_its_output_dir_before_building_the_model(tmp_path, monkeypatch):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / "a.png")
+  config = demo_config()
+  config.mode = "predict"
+  config.predict.input_dir = str(inputs)
+  config.predict.output_dir = "/proc/pixcon_pred"
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model was built before the output folder was checked")
+
+  monkeypatch.setattr(predict.setup, "for_inference", no_model)
+  with pytest.raises(validation.ConfigError, match="config.predict.output_dir='/proc/pixcon_pred'"):
+    predict.predict_folder(config, str(tmp_path / "w"))
+  # A folder that can be created passes, and the check leaves nothing behind.
+  validation.check_output_dir(str(tmp_path / "new" / "deeper"), "config.predict.output_dir")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+# Rows 12 and 16: scripts/prepare_data.py.
+
+def _zip(path, members):
+  with zipfile.ZipFile(path, "w") as z:
+    for name, data in members.items():
+      z.writestr(name, data)
+
+
+def test_prepare_data_truncated_zip_is_one_line_and_leaves_nothing(tmp_path):
+  manual, data = tmp_path / "manual", tmp_path / "data"
+  manual.mkdir()
+  _zip(manual / "leftImg8bit_trainvaltest.zip", {"leftImg8bit/train/a/x.png": b"x" * 1000})
+  _zip(manual / "gtFine_trainvaltest.zip", {"gtFine/train/a/y.png": os.urandom(20000)})
+  whole = (manual / "gtFine_trainvaltest.zip").read_bytes()
+  (manual / "gtFine_trainvaltest.zip").write_bytes(whole[:len(whole) // 2])
+  rc, last, out = _script("prepare_data.py", "--dataset=cityscapes", f"--manual_dir={manual}",
+                          f"--data_dir={data}")
+  assert rc == validation.EXIT_BAD_INPUT, out[-3000:]
+  assert last.startswith(f"error: --manual_dir={manual}: gtFine_trainvaltest.zip is truncated or "
+                         f"not a zip archive"), out[-3000:]
+  assert last.endswith("download it again") and "Traceback" not in out
+  assert not data.exists()
+
+
+def test_prepare_data_corrupt_member_removes_the_partial_extraction(tmp_path):
+  """A zip whose directory reads but whose data does not: TFDS fails while extracting."""
+  from pixcon_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  manual, data = tmp_path / "manual", tmp_path / "data"
+  manual.mkdir()
+  data.mkdir()
+  (data / "keep.txt").write_text("a file of the user's")
+  _zip(manual / "leftImg8bit_trainvaltest.zip",
+       {"leftImg8bit/train/a/a_000000_000000_leftImg8bit.png": b"x" * 1000})
+  _zip(manual / "gtFine_trainvaltest.zip",
+       {"gtFine/train/a/a_000000_000000_gtFine_labelIds.png": b"y" * 100000})
+  corrupt = bytearray((manual / "gtFine_trainvaltest.zip").read_bytes())
+  corrupt[200:260] = b"z" * 60  # inside the member's data: its CRC fails on extraction
+  (manual / "gtFine_trainvaltest.zip").write_bytes(bytes(corrupt))
+  with pytest.raises(validation.ConfigError, match=r"an archive does not extract .*"
+                     r"gtFine_trainvaltest.zip.*Bad CRC-32.*download it again; removed"):
+    prepare.prepare_dataset("cityscapes", manual_dir=str(manual), data_dir=str(data))
+  assert [p.name for p in data.iterdir()] == ["keep.txt"]  # the extraction went, the user's file stays
+
+
+def test_prepare_data_missing_zip_is_one_line(tmp_path):
+  rc, last, out = _script("prepare_data.py", "--dataset", "cityscapes", "--manual_dir", tmp_path,
+                          "--data_dir", tmp_path / "d")
+  assert rc == validation.EXIT_BAD_INPUT, out[-3000:]
+  assert last.startswith(
+      "error: Cityscapes: missing ['leftImg8bit_trainvaltest.zip', 'gtFine_trainvaltest.zip'] in "
+      f"manual directory '{tmp_path}'"), out[-3000:]
+  assert "Traceback" not in out and not (tmp_path / "d").exists()
+
+
+# Rows 13-15: scripts/convert_checkpoint.py.
+
+def test_convert_checkpoint_archive_of_unrelated_arrays_names_keys_and_models(tmp_path):
+  np.savez(tmp_path / "other.npz", first=np.zeros(3), second=np.ones((2, 2)))
+  rc, last, out = _script("convert_checkpoint.py", "--model=hrnet_w48_contrast",
+                          f"--torch={tmp_path / 'other.npz'}", f"--out={tmp_path / 'o'}")
+  assert rc == validation.EXIT_BAD_INPUT, out[-3000:]
+  assert last.startswith(f"error: --torch={tmp_path / 'other.npz'} does not fit "
+                         "--model=hrnet_w48_contrast: 0 of its 2 keys are arrays of that model; "
+                         "2 keys are not, e.g. ['first', 'second']"), last
+  assert "Registered models: deeplab_v3, " in last and "hrnet_w48_ocr_contrast" in last
+  assert "Traceback" not in out and not (tmp_path / "o").exists()
+
+
+def test_convert_checkpoint_names_a_non_zip_posing_as_npz(tmp_path):
+  fake = tmp_path / "weights.npz"
+  fake.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # a PNG renamed
+  rc, last, out = _script("convert_checkpoint.py", "--model", "hrnet_w18_contrast", "--torch",
+                          fake, "--out", tmp_path / "o")
+  assert rc == validation.EXIT_BAD_INPUT, out[-3000:]
+  assert last == (f"error: --torch={fake} is not an .npz archive (not a zip file); give the "
+                  f"state_dict saved with numpy.savez, or the .pth itself")
+  assert "allow_pickle" not in out and "Traceback" not in out
+
+
+def test_convert_checkpoint_text_file_as_pth_without_torch_is_one_line(tmp_path, monkeypatch):
+  notes = tmp_path / "notes.pth"
+  notes.write_text("my notes\n")
+  rc, last, out = _script("convert_checkpoint.py", "--torch", notes, "--out", tmp_path / "o")
+  assert rc == validation.EXIT_BAD_INPUT, out[-3000:]
+  assert last == (f"error: --torch={notes} is not a PyTorch checkpoint (neither a zip nor a "
+                  f"pickle written by torch.save); give the official .pth, or an .npz of its "
+                  f"state_dict")
+  # A real-looking .pth (a pickle) without torch installed: the fix is named, as an InputError.
+  spec = importlib.util.spec_from_file_location("convert_checkpoint_h28b",
+                                                REPO / "scripts" / "convert_checkpoint.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  pth = tmp_path / "model.pth"
+  pth.write_bytes(b"\x80\x04N.")  # pickle.dumps(None)
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+  with pytest.raises(validation.ConfigError, match=r"reading a \.pth needs PyTorch, which is not "
+                     r"installed \(pip install torch\); or give an \.npz"):
+    script.load_checkpoint(pth)
+
+
+def test_script_flag_errors_are_one_line_with_exit_2(tmp_path):
+  """absl's own flag errors (exit 1 under app.run) follow the contract through cli.run."""
+  rc, last, out = _script("convert_checkpoint.py", "--num_classes=many", "--torch=x.npz",
+                          f"--out={tmp_path}")
+  assert rc == validation.EXIT_BAD_INPUT and "Traceback" not in out, out[-3000:]
+  assert last.startswith("error: flag --num_classes=many: ") and last.endswith("see --helpshort")
+
+
+def test_cli_fail_and_run_share_one_rule(capsys):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    cli.fail("config.x=1:\n  expected   2")
+  assert e.value.code == validation.EXIT_BAD_INPUT
+  assert capsys.readouterr().err == "error: config.x=1: expected 2\n"
+  with pytest.raises(app.UsageError, match=r"^--crop=256,x: expected 2 comma-separated integers"):
+    cli.int_list(["256", "x"], "crop", length=2)
+  assert cli.int_list(["0", "2"], "workers", minimum=0) == [0, 2]
+  with pytest.raises(SystemExit) as e:
+    cli.ArgumentParser(prog="bench").parse_args(["--nope"])
+  assert e.value.code == validation.EXIT_BAD_INPUT
+  assert capsys.readouterr().err.startswith("error: unrecognized arguments: --nope; see --help")
+
+
+# Row 18: SIGTERM at any time.
+
+def test_stopped_before_any_checkpoint_says_so():
+  stopped = checkpointing.Stopped("SIGTERM", None, "/runs/a", saved=False)
+  assert stopped.exit_code == 143
+  assert str(stopped) == ("SIGTERM received: stopped before the first checkpoint, so /runs/a "
+                          "holds none; rerun the same command to start again (exit code 143)")
+  assert str(checkpointing.Stopped("SIGTERM", 30, "/runs/a", saved=False)) == (
+      "SIGTERM received: stopped before a new checkpoint could be saved; the latest is step 30 "
+      "in /runs/a; rerun the same command to resume from it (exit code 143)")
+
+
+class _FakeManager:
+  def __init__(self, latest):
+    self.latest, self.closed = latest, False
+
+  def wait_until_finished(self):
+    pass
+
+  def latest_step(self):
+    return self.latest
+
+  def close(self):
+    self.closed = True
+
+
+def test_a_data_worker_lost_during_a_requested_stop_is_the_stop():
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+
+  def dead_worker():
+    raise RuntimeError("Worker process was terminated unexpectedly with exit code -15")
+    yield  # pylint: disable=unreachable
+
+  stop = checkpointing.StopRequest()
+  with pytest.raises(RuntimeError, match="terminated unexpectedly"):  # no stop asked: a bug
+    train._next_or_stop(dead_worker(), stop, _FakeManager(None), "/runs/a")
+  stop._handle(signal.SIGTERM, None)  # as the signal does
+  manager = _FakeManager(None)
+  with pytest.raises(checkpointing.Stopped, match="before the first checkpoint") as e:
+    train._next_or_stop(dead_worker(), stop, manager, "/runs/a")
+  assert e.value.exit_code == 143 and manager.closed
+  assert train._next_or_stop(iter([7]), stop, manager, "/runs/a") == 7
+
+
+_WORKER_SCRIPT = """
+import multiprocessing, os, signal, time
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from pixcon_jax import checkpointing
+from pixcon_jax import data as data_lib
+cfg = data_lib.default_data_config("synthetic")
+cfg.synthetic_size, cfg.synthetic_num_train, cfg.crop_size = (32, 64), 8, (32, 32)
+cfg.worker_count = 1
+def main():
+  stop = checkpointing.StopRequest().install()  # the trainer's handler
+  it = data_lib.make_train_iterator(cfg, data_lib.default_augment_config(),
+                                    batch_size_per_process=2, seed=0, process_index=0,
+                                    process_count=1)
+  next(it)
+  workers = multiprocessing.active_children()
+  os.killpg(0, signal.SIGTERM)  # as a job scheduler stops a job: the whole process group
+  time.sleep(1.0)
+  print("requested", stop.requested, "workers", len(workers),
+        "alive", all(w.is_alive() for w in workers), flush=True)
+  for _ in range(3):
+    next(it)
+  print("batches after the signal: 3", flush=True)
+  data_lib.close_iterator(it)
+if __name__ == "__main__":
+  main()
+"""
+
+
+def test_data_workers_ignore_sigterm_to_the_process_group(tmp_path):
+  script = tmp_path / "workers.py"
+  script.write_text(_WORKER_SCRIPT)
+  p = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+                     timeout=180, start_new_session=True)  # its own process group
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "requested True workers 1 alive True" in p.stdout, p.stdout + p.stderr[-3000:]
+  assert "batches after the signal: 3" in p.stdout
+
+
+SIGNAL_RUN = [  # configs/demo.py:runlocal shrunk
+    # Without contrast (a model without projection head): the step compiles in half the time,
+    # and stopping does not depend on the loss.
+    "--config.model.name=hrnet_w18", "--config.contrast.enabled=False",
+    "--config.model.overrides.widths=(4,8,16,32)", "--config.model.overrides.stem_width=8",
+    "--config.model.overrides.layer1_planes=4", "--config.model.proj_dim=8",
+    "--config.data.crop_size=(32,32)", "--config.data.batch_size=2",
+    "--config.data.synthetic_size=(32,64)", "--config.data.eval_pad_size=(32,64)",
+    "--config.data.synthetic_num_train=8", "--config.data.synthetic_num_val=2",
+    "--config.data.eval_batch_size=2", "--config.data.worker_count=1",
+    "--config.memory.pixel_queue_size=16", "--config.schedule.total_steps=50",
+    "--config.eval.every_steps=50", "--config.checkpoint.every_steps=50",
+    "--config.eval.num_summary_images=0",
+    # The stop is acted on at step 4: steps 2-4 need batches from the worker after the signal
+    # (with one batch prefetched), so a worker killed by it fails the run.
+    "--config.data.prefetch=1", "--config.checkpoint.preemption_check_every_steps=4",
+]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _train_and_signal(workdir, cache, marker, *, timeout=600):
+  """Trains with SIGNAL_RUN; SIGTERM to its process group once stderr shows `marker`.
+
+  Returns (exit code, last non-empty line of stderr, stderr).
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  log_path = workdir.parent / f"{workdir.name}.log"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+             XLA_FLAGS="--xla_backend_optimization_level=0",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pixcon_jax.main", "--nohugepages",
+         "--config=configs/demo.py:runlocal", f"--workdir={workdir}", *SIGNAL_RUN],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+      if marker in log_path.read_text():
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its data worker, as a scheduler
+        break
+      time.sleep(0.02)
+    proc.wait(timeout=timeout)
+  err = log_path.read_text()
+  lines = [line for line in err.splitlines() if line.strip()]
+  return proc.returncode, (lines[-1] if lines else ""), err
+
+
+def test_sigterm_during_the_first_step_saves_a_checkpoint_and_exits_143(tmp_path, compile_cache):
+  run = tmp_path / "run"
+  # Logged once the first batch is read, before the train step is compiled and run.
+  rc, last, err = _train_and_signal(run, compile_cache, "step 1: batch ready")
+  assert rc == checkpointing.EXIT_STOPPED, err[-3000:]
+  assert last == (f"stopped: SIGTERM received: saved the checkpoint of step 4 in {run}; rerun "
+                  f"the same command to resume (exit code 143)"), err[-3000:]
+  assert "Traceback" not in err and (run / "checkpoints" / "4").is_dir()
+
+
+def test_sigterm_while_the_first_batch_loads_exits_143(tmp_path, compile_cache):
+  run = tmp_path / "run"
+  # Logged just before the loop asks the (just started) data worker for the first batch.
+  rc, last, err = _train_and_signal(run, compile_cache, "training from step 0")
+  assert rc == checkpointing.EXIT_STOPPED, err[-3000:]
+  # The worker ignores the signal and step 4 is saved; had the signal reached the worker
+  # before it could ignore it, the stop says that no checkpoint exists.
+  assert last in (
+      f"stopped: SIGTERM received: saved the checkpoint of step 4 in {run}; rerun the same "
+      f"command to resume (exit code 143)",
+      f"stopped: SIGTERM received: stopped before the first checkpoint, so {run} holds none; "
+      f"rerun the same command to start again (exit code 143)"), err[-3000:]
+  assert "Traceback" not in err

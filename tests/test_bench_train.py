@@ -64,5 +64,6 @@ def test_bench_train_refuses_official_in_arg():
          "--nohugepages"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode != 0
-  assert proc.stderr.strip().splitlines()[-1].startswith("--arg must not contain 'official'")
+  assert proc.returncode == 2  # bad input: one `error:` line (pixcon_jax/cli.py)
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: --arg must not contain 'official'"), proc.stderr[-2000:]

@@ -10,10 +10,18 @@ resumed run continues at the same example.
 Evaluation: the split of N examples is padded to `num_batches * batch_size * process_count`
 records, so every process runs the same number of batches; padding records repeat example 0 with
 `valid=False`, `image_id=-1` and an all-ignore label. Images are padded to `data.eval_pad_size`.
+
+Worker processes ignore SIGTERM and SIGINT: a signal to the process group (a job scheduler's
+stop, Ctrl-C) is the trainer's to act on (it saves, then stops its workers); a worker killed by
+it would fail the trainer's next batch instead. Each worker process unpickles the pipeline, and
+the transforms' `__setstate__` sets that up (`ignore_stop_signals_in_worker`).
 """
 from __future__ import annotations
 
 import math
+import multiprocessing
+import signal
+import threading
 from typing import Any, Mapping
 
 import grain.python as grain
@@ -25,7 +33,32 @@ from pixcon_jax.data.classes import IGNORE_LABEL
 from pixcon_jax.data.datasets import get_dataset_info
 
 
-class TrainAugment(grain.RandomMapTransform):
+def ignore_stop_signals_in_worker() -> bool:
+  """In a child process's main thread: SIGTERM and SIGINT ignored from now on. Returns whether.
+
+  The trainer (the parent) stops its grain workers itself (`close_iterator`; grain kills the
+  ones that do not stop), so nothing is lost.
+  """
+  if (multiprocessing.parent_process() is None
+      or threading.current_thread() is not threading.main_thread()
+      # A process that handles SIGTERM itself (a trainer started by multiprocessing) keeps it.
+      or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)):
+    return False
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, signal.SIG_IGN)
+  return True
+
+
+class _WorkerIgnoresStopSignals:
+  """Mixin: unpickled in a worker process (grain sends the pipeline pickled), that worker
+  ignores SIGTERM and SIGINT."""
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    ignore_stop_signals_in_worker()
+    self.__dict__.update(state)
+
+
+class TrainAugment(_WorkerIgnoresStopSignals, grain.RandomMapTransform):
   """Training augmentation of one record with grain's per-record generator."""
 
   def __init__(self, crop_size: tuple[int, int], cfg: transforms.AugmentConfig):
@@ -41,7 +74,7 @@ class TrainAugment(grain.RandomMapTransform):
     return {"image": image, "label": label, "image_id": np.int32(element["image_id"])}
 
 
-class PaddedEvalSource:
+class PaddedEvalSource(_WorkerIgnoresStopSignals):
   """Evaluation records padded to `total` examples, transformed for whole-image evaluation.
 
   Records: `image` float32 [Hp, Wp, 3], `label` int32 [Hp, Wp] (255 in padding), `image_id` int32

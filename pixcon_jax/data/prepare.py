@@ -1,18 +1,50 @@
-"""`prepare_dataset`: build a dataset's TFDS ArrayRecord files from its manual downloads."""
+"""`prepare_dataset`: build a dataset's TFDS ArrayRecord files from its manual downloads.
+
+Bad downloads are input errors (`validation.InputError`, one `error:` line from
+scripts/prepare_data.py): a missing file, a zip without its central directory (truncated),
+a member that does not extract (corrupt). A failed preparation removes what it created under
+`data_dir` (a half-extracted archive, TFDS's incomplete folders), so a rerun starts clean.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import shutil
+import zipfile
 
+from pixcon_jax import validation
 from pixcon_jax.data.datasets import get_dataset_info
 
 
 def _check_manual_dir(dataset: str, manual_dir: str) -> None:
+  """Raises MissingInputError naming the folder or the files the dataset needs."""
   if not os.path.isdir(manual_dir):
-    raise FileNotFoundError(f"{dataset}: manual directory {manual_dir!r} does not exist; see "
-                            "docs/DATA.md for the expected files")
+    raise validation.MissingInputError(
+        f"--manual_dir={manual_dir} does not exist ({dataset}); see docs/DATA.md for the "
+        f"expected files")
+  try:
+    _check_dataset_files(dataset, manual_dir)
+  except FileNotFoundError as e:  # The dataset modules' own checks name the files.
+    raise validation.MissingInputError(str(e)) from None
+  for name in sorted(os.listdir(manual_dir)):
+    path = os.path.join(manual_dir, name)
+    if name.endswith(".zip") and os.path.isfile(path):
+      _check_zip(path)
+
+
+def _check_zip(path: str) -> None:
+  """Opens the zip's central directory (at its end: a truncated download has none); cheap."""
+  try:
+    with zipfile.ZipFile(path):
+      pass
+  except (zipfile.BadZipFile, OSError) as e:
+    raise validation.ConfigError(
+        f"--manual_dir={os.path.dirname(path)}: {os.path.basename(path)} is truncated or not a "
+        f"zip archive ({e}; {os.path.getsize(path)} bytes): download it again") from None
+
+
+def _check_dataset_files(dataset: str, manual_dir: str) -> None:
   if dataset == "cityscapes":
     from pixcon_jax.data import cityscapes  # pylint: disable=g-import-not-at-top
     cityscapes.check_manual_dir(manual_dir)
@@ -87,17 +119,67 @@ def prepare_dataset(dataset: str, *, manual_dir: str, data_dir: str) -> dict[str
 
   Returns:
     Number of examples per split.
+  Raises:
+    validation.InputError naming the folder or archive when a download is missing, truncated
+    or corrupt; what the run created under `data_dir` is removed first.
   """
   info = get_dataset_info(dataset)
   if info.tfds_name is None:
-    raise ValueError(f"{dataset} is generated on the fly and needs no preparation")
+    raise validation.ConfigError(
+        f"--dataset={dataset} is generated on the fly and needs no preparation")
   _check_manual_dir(dataset, manual_dir)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from pixcon_jax.data import coco_stuff, pascal_context  # pylint: disable=g-import-not-at-top,unused-import
-  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
-  download_dir = os.path.join(data_dir, "downloads")
-  refresh_stale_extraction(manual_dir, download_dir)
-  builder.download_and_prepare(
-      download_dir=download_dir,
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  before = _existing_paths(data_dir)
+  try:
+    builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
+    download_dir = os.path.join(data_dir, "downloads")
+    refresh_stale_extraction(manual_dir, download_dir)
+    builder.download_and_prepare(
+        download_dir=download_dir,
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except BaseException as e:
+    removed = _remove_new_paths(data_dir, before)
+    if isinstance(e, tfds.download.extractor.ExtractError):
+      raise validation.ConfigError(
+          f"--manual_dir={manual_dir}: an archive does not extract ({_first_line(e)}): download "
+          f"it again"
+          f"{'; removed the partial ' + ', '.join(removed) if removed else ''}") from None
+    raise
   return {name: split.num_examples for name, split in builder.info.splits.items()}
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0][:400] if lines else type(error).__name__
+
+
+def _existing_paths(root: str) -> set[str] | None:
+  """Every file and folder under `root` (None when `root` does not exist yet)."""
+  if not os.path.isdir(root):
+    return None
+  found = {root}
+  for dirpath, dirnames, filenames in os.walk(root):
+    found.update(os.path.join(dirpath, n) for n in dirnames + filenames)
+  return found
+
+
+def _remove_new_paths(root: str, before: set[str] | None) -> list[str]:
+  """Deletes what appeared under `root` since `_existing_paths(root)` gave `before`.
+
+  Returns:
+    the top-most removed paths (all of `root` when it did not exist before).
+  """
+  if before is None:
+    if os.path.isdir(root):
+      shutil.rmtree(root, ignore_errors=True)
+      return [root]
+    return []
+  new = sorted((_existing_paths(root) or set()) - before)
+  top = [p for p in new if os.path.dirname(p) not in new]
+  for p in top:
+    if os.path.isdir(p) and not os.path.islink(p):
+      shutil.rmtree(p, ignore_errors=True)
+    else:
+      os.remove(p)
+  return top

@@ -11,6 +11,6 @@ def get_config(arg=None):
   c = common.base_config(model="hrnet_w48_contrast", dataset="cityscapes", num_classes=19,
                          crop_size=(512, 1024), batch_size=8, lr=0.01, total_steps=100_000)
   c.loss.class_weights = "cityscapes"  # Official ce_weight (HRNet convention).
-  if "official" in common.parse_arg(arg):
+  if {"official", "official_mem"} & common.parse_arg(arg):
     c.schedule.total_steps = 40_000  # Official H_48_D_4 contrast config.
   return common.finalize(c, arg)

@@ -110,3 +110,81 @@ def test_enqueue_equals_the_released_dequeue_and_enqueue(case):
     np.testing.assert_allclose(np.asarray(queues.segment_queue), get(f"segment_queue_{s}"),
                                atol=1e-6)
     np.testing.assert_allclose(np.asarray(queues.pixel_queue), get(f"pixel_queue_{s}"), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_train_step_runs_the_released_memory_recipe():
+  """`:official_mem` through the sharded train step: warm-up, queue update, class 0 skipped."""
+  from configs import cityscapes_hrnet  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  config = cityscapes_hrnet.get_config("runlocal,official_mem")
+  config.data.batch_size, config.data.crop_size = 2, (32, 32)
+  config.memory.official_queue_size = 16
+  config.contrast.warmup_steps = 1
+  exp = setup.for_training(config)
+  state = ts.create_train_state(
+      config, exp.train_model, exp.tx, exp.mesh, image_shape=(32, 32, 3), num_classes=19,
+      num_train_images=4, rng=jax.random.PRNGKey(0))
+  queues = jax.device_get(state.memory)
+  np.testing.assert_allclose(np.linalg.norm(queues.pixel_queue, axis=-1), 1.0, rtol=1e-5)
+  step = ts.make_train_step(config, exp.train_model, exp.tx, exp.mesh, donate=False)
+  rng = np.random.default_rng(0)
+  label = np.repeat(np.repeat(rng.integers(0, 4, (2, 4, 4)), 8, 1), 8, 2).astype(np.int32)
+  batch = {"image": rng.normal(size=(2, 32, 32, 3)).astype(np.float32) + label[..., None],
+           "label": label, "image_id": np.arange(2, dtype=np.int32)}
+  metrics = []
+  for _ in range(2):
+    state, m = step(state, sharding.host_local_to_global(batch, exp.mesh))
+    metrics.append(jax.device_get(m))
+  assert float(metrics[0]["contrast_weight"]) == 0.0 and float(metrics[1]["contrast_weight"]) == 1.0
+  assert np.isfinite(float(metrics[1]["contrast_loss"])) and float(metrics[1]["contrast_loss"]) > 0
+  queues = jax.device_get(state.memory)
+  # Two steps x two images: each class of the stride-8 label grid moved its segment pointer by
+  # one per image; class 0 never moves (released quirk 2).
+  present = np.stack([np.isin(np.arange(19), np.unique(label[b, ::8, ::8])) for b in range(2)])
+  expected = 2 * present.sum(0)
+  expected[0] = 0
+  np.testing.assert_array_equal(queues.segment_ptr, expected)
+
+
+def test_objective_and_enqueue_under_shard_map():
+  """The objective's `official_mem` branch and the replicated queue update, on a 1-device mesh."""
+  from configs import cityscapes_hrnet  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import objective, sharding  # pylint: disable=g-import-not-at-top
+  config = cityscapes_hrnet.get_config("runlocal,official_mem")
+  config.memory.official_queue_size = 16
+  config.contrast.warmup_steps = 3
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  obj = objective.make_objective(config, num_classes=19)
+  settings = objective.official_queue_settings(config, num_classes=19)
+  assert settings["enqueue_images"] == 2 and settings["label_stride"] == 8
+
+  rng = np.random.default_rng(0)
+  label = np.repeat(np.repeat(rng.integers(0, 4, (2, 4, 4)), 8, 1), 8, 2).astype(np.int32)
+  emb = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
+  outputs = {"logits": jnp.asarray(rng.normal(size=(2, 8, 8, 19)).astype(np.float32)),
+             "embedding": jnp.asarray(emb / np.linalg.norm(emb, axis=-1, keepdims=True))}
+  batch = {"label": jnp.asarray(label), "image_id": jnp.arange(2, dtype=jnp.int32)}
+  queues = official_mem.init_queues(jax.random.PRNGKey(0), num_classes=19, dim=16, queue_size=16)
+
+  def run(outputs, batch, queues, step):
+    share, (metrics, keys) = obj(outputs, batch, queues, jax.random.PRNGKey(1), step)
+    new = official_mem.enqueue(queues, *keys, jax.random.PRNGKey(2), axis_name="data", **settings)
+    return metrics, new
+
+  fn = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()),
+                             out_specs=(P(), P())))
+  metrics, new = fn(outputs, batch, queues, jnp.int32(3))
+  ref, _ = official_mem.official_mem_contrast_loss(
+      outputs["embedding"], batch["label"], jnp.argmax(outputs["logits"], -1), queues,
+      jax.random.fold_in(jax.random.PRNGKey(1), 0), max_views=1)
+  assert float(metrics["contrast_weight"]) == 1.0
+  np.testing.assert_allclose(float(metrics["contrast_loss"]), float(ref), rtol=1e-5)
+  present = np.stack([np.isin(np.arange(19), np.unique(label[b, ::8, ::8])) for b in range(2)])
+  expected = present.sum(0)
+  expected[0] = 0  # Class 0 is never enqueued (released quirk 2).
+  np.testing.assert_array_equal(np.asarray(new.segment_ptr), expected)
+  metrics, _ = fn(outputs, batch, queues, jnp.int32(2))
+  assert float(metrics["contrast_weight"]) == 0.0  # The released 5000-step warm-up, here 3.

@@ -183,8 +183,9 @@ def main():
   parser.add_argument("--out", required=True, help="output folder (tests/official_mem)")
   args = parser.parse_args()
   if not os.path.isfile(os.path.join(args.official_repo, CONFIG)):
-    sys.exit(f"error: --official_repo={args.official_repo}: no {CONFIG} there; expected a checkout "
-             "of tfzhou/ContrastiveSeg")
+    print(f"error: --official_repo={args.official_repo}: no {CONFIG} there; expected a checkout "
+          "of tfzhou/ContrastiveSeg", file=sys.stderr)
+    sys.exit(2)
   os.makedirs(args.out, exist_ok=True)
   torch, configer_cls, loss_module, trainer_cls = _released(args.official_repo)
   produced_with = {"torch": torch.__version__, "numpy": np.__version__,

@@ -188,3 +188,42 @@ def test_objective_and_enqueue_under_shard_map():
   np.testing.assert_array_equal(np.asarray(new.segment_ptr), expected)
   metrics, _ = fn(outputs, batch, queues, jnp.int32(2))
   assert float(metrics["contrast_weight"]) == 0.0  # The released 5000-step warm-up, here 3.
+
+
+_DEVICES_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from pixcon_jax import sharding
+from pixcon_jax.contrast import official_mem
+assert jax.device_count() == 4
+rng = np.random.default_rng(0)
+label = np.repeat(np.repeat(rng.integers(0, 5, (8, 4, 4)), 8, 1), 8, 2).astype(np.int32)
+label[:, :8] = 255
+keys = rng.normal(size=(8, 8, 8, 16)).astype(np.float32)
+queues = official_mem.init_queues(jax.random.PRNGKey(0), num_classes=19, dim=16, queue_size=12)
+settings = dict(num_classes=19, label_stride=8, pixel_update_freq=10, enqueue_images=5)
+key = jax.random.PRNGKey(3)
+one = official_mem.enqueue(queues, jnp.asarray(keys), jnp.asarray(label), key, **settings)
+mesh = sharding.make_mesh(jax.devices())
+fn = jax.jit(jax.shard_map(
+    lambda q, k, l: official_mem.enqueue(q, k, l, key, axis_name="data", **settings),
+    mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))
+four = fn(queues, jnp.asarray(keys), jnp.asarray(label))
+for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+assert int(np.asarray(four.segment_ptr).sum()) > 0
+print("OK")
+"""
+
+
+def test_enqueue_on_4_devices_equals_1_device():
+  """The all-gathered update of 4 devices writes the same queues as one device's global batch."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -156,6 +156,7 @@ def test_objective_and_enqueue_under_shard_map():
   config = cityscapes_hrnet.get_config("runlocal,official_mem")
   config.memory.official_queue_size = 16
   config.contrast.warmup_steps = 3
+  config.log.embedding_health = False  # Not under test; a smaller program to compile.
   mesh = sharding.make_mesh(jax.devices()[:1])
   obj = objective.make_objective(config, num_classes=19)
   settings = objective.official_queue_settings(config, num_classes=19)

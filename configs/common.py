@@ -14,7 +14,7 @@ from ml_collections.config_dict import placeholder
 from pixcon_jax.data import config_defaults as data_defaults
 
 # Arguments accepted by every experiment's get_config(arg): comma-separated flags.
-KNOWN_ARGS = ("runlocal", "official", "bf16")
+KNOWN_ARGS = ("runlocal", "official", "official_mem", "bf16")
 
 
 def parse_arg(arg: str | None) -> set[str]:
@@ -76,7 +76,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
 
   c.contrast = ml_collections.ConfigDict()
   c.contrast.enabled = True  # Add the pixel contrast loss (needs a *_contrast model).
-  c.contrast.recipe = "paper"  # paper (Eq. 3 with memory) | official (released code).
+  c.contrast.recipe = "paper"  # paper (Eq. 3 with memory) | official (released, in-batch) | official_mem (released, queues).
   c.contrast.weight = 1.0  # lambda of Eq. 4.
   c.contrast.warmup_steps = 0  # lambda = 0 before this step.
   c.contrast.hard_mining_ramp_steps = 0  # Semi-hard's top fraction 1 -> semi_hard_fraction over these steps.
@@ -107,6 +107,13 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.memory.pixel_queue_size = placeholder(int)  # T per class; None = 10 N (paper).
   c.memory.region_mode = "indexed"  # indexed (C x N, paper) | fifo.
   c.memory.region_queue_size = 0  # Per-class FIFO size for region_mode='fifo'.
+  # The released memory recipe only (`:official_mem`, contrast/official_mem.py), released values;
+  # its quirks are listed in docs/ABLATIONS.md "Departures: released memory recipe".
+  c.memory.official_queue_size = 5000  # `memory_size`: entries per class of each queue (segment, pixel).
+  c.memory.official_label_stride = 8  # `network.stride`: labels[:, ::s, ::s] read against stride-4 HRNet keys; 4 aligns them.
+  c.memory.official_pixel_ptr_step = "one"  # one (released: +1 per write of K keys) | count (+K, a FIFO).
+  c.memory.official_skip_class0 = True  # Released: class 0 never enqueued; zero vectors stand in its contrast rows.
+  c.memory.official_enqueue_images = 2  # Leading images of the global batch enqueued per step (released: rank 0's 2 of 8); 0 = all.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 5000  # Periodic validation.
@@ -161,6 +168,31 @@ def apply_official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def apply_official_mem(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The released memory recipe (H_48_D_4_MEM.json, run_h_48_d_4_contrast_mem.sh).
+
+  One anchor view per (image, class) against two random-initialised per-class queues of 5000
+  (class means and pixels, 10 per class and image), no in-batch contrast, tau = base tau = 0.07,
+  lambda 1 after 5000 steps. The released quirks are reproduced (`config.memory.official_*`).
+  """
+  apply_official(c)  # Data, augmentation and per-GPU sampling as the in-batch release.
+  c.contrast.recipe = "official_mem"
+  c.contrast.weight = 1.0  # `contrast.loss_weight` of H_48_D_4_MEM.
+  c.contrast.warmup_steps = 5000  # `contrast.warmup_iters`.
+  c.contrast.temperature = 0.07
+  c.contrast.base_temperature = 0.07
+  c.contrast.sources = ("pixel_memory", "region_memory")  # Informational: queues only.
+  c.contrast.max_samples = 1024
+  c.contrast.max_views = 1
+  c.memory.pixels_per_class = 10  # `pixel_update_freq`.
+  c.memory.official_queue_size = 5000
+  c.memory.official_label_stride = 8
+  c.memory.official_pixel_ptr_step = "one"
+  c.memory.official_skip_class0 = True
+  c.memory.official_enqueue_images = 2
+  return c
+
+
 def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A CPU-sized variant of any experiment: tiny HRNet/ResNet widths, 64x64 crops, few steps."""
   name = c.model.name
@@ -188,11 +220,13 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.contrast.anchors_per_class = 8
   c.contrast.num_positives = 32
   c.contrast.num_negatives = 64
-  c.contrast.max_samples = 64
-  c.contrast.max_views = 8
+  if c.contrast.recipe != "official_mem":  # Its one view per (image, class) fits any crop.
+    c.contrast.max_samples = 64
+    c.contrast.max_views = 8
   c.contrast.positive_pool = 128
   c.contrast.negative_pool = 256
   c.memory.pixel_queue_size = 64
+  c.memory.official_queue_size = 64
   c.eval.every_steps = 5
   c.eval.max_batches = 2
   c.eval.mode = "whole"
@@ -206,10 +240,14 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the common arg words (official, bf16, runlocal) in a fixed order."""
+  """Applies the common arg words (official or official_mem, bf16, runlocal) in a fixed order."""
   words = parse_arg(arg)
+  if {"official", "official_mem"} <= words:
+    raise ValueError("config args 'official' and 'official_mem' are two recipes; give one")
   if "official" in words:
     apply_official(c)
+  if "official_mem" in words:
+    apply_official_mem(c)
   if "bf16" in words:
     c.model.dtype = "bfloat16"
   if "runlocal" in words:

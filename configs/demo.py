@@ -2,7 +2,10 @@
 
 Trains on a 2-core CPU to >= 50% val mIoU within 15 minutes including evaluation and prints
 `final mIoU: ...`; `demo.py:runlocal` is a few-minute variant that still trains, evaluates
-and writes mIoU to TensorBoard.
+and writes mIoU to TensorBoard. From random weights (no ImageNet start for synthetic scenes),
+the paper recipe of configs/common.py (mini-batch + pixel queue of 1000 per class + region
+memory, seg.-aware hard anchors, random positive/negative sampling), 2000 steps. Args: runlocal
+(120 steps), official, official_mem (the released recipes, configs/common.py), bf16.
   python -m pixcon_jax.main --config=configs/demo.py --workdir=/tmp/demo
 """
 import ml_collections

@@ -35,6 +35,7 @@ from pixcon_jax import sharding
 from pixcon_jax import train_step
 from pixcon_jax import validation
 from pixcon_jax.contrast import choices
+from pixcon_jax.contrast import official_mem
 from pixcon_jax.data import datasets
 from pixcon_jax.data import tfds_source
 from pixcon_jax.data import transforms
@@ -378,6 +379,11 @@ KEYS: dict[str, Rule] = {
     "memory.pixel_queue_size": integer(1, optional=True),
     "memory.region_mode": one_of(choices.REGION_MODES),
     "memory.region_queue_size": integer(0),
+    "memory.official_queue_size": integer(1),
+    "memory.official_label_stride": integer(1),
+    "memory.official_pixel_ptr_step": one_of(official_mem.PTR_STEPS),
+    "memory.official_skip_class0": flag(),
+    "memory.official_enqueue_images": integer(0),
     "eval.every_steps": integer(1),
     "eval.protocol": one_of(lambda: sorted(inference.PROTOCOLS), optional=True, empty_ok=True),
     "eval.mode": one_of(inference.EVAL_MODES),

@@ -41,6 +41,7 @@ from pixcon_jax.contrast import health as contrast_health
 from pixcon_jax.contrast import labels as contrast_labels
 from pixcon_jax.contrast import loss as contrast_loss
 from pixcon_jax.contrast import official
+from pixcon_jax.contrast import official_mem
 
 IGNORE_LABEL = 255
 
@@ -97,6 +98,21 @@ def uses_memory(config: ml_collections.ConfigDict) -> bool:
   return contrast_settings(config, num_classes=config.model.num_classes).uses_memory
 
 
+def uses_official_queues(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run keeps the released memory recipe's queues (static): `recipe='official_mem'`."""
+  return contrast_active(config) and config.contrast.get("recipe", "paper") == "official_mem"
+
+
+def official_queue_settings(config: ml_collections.ConfigDict, *, num_classes: int) -> dict:
+  """Keywords of `official_mem.enqueue` from `config.memory` (the released queue update)."""
+  m = config.memory
+  return dict(num_classes=num_classes, label_stride=int(m.official_label_stride),
+              pixel_update_freq=int(m.pixels_per_class),
+              skip_class0=bool(m.official_skip_class0),
+              enqueue_images=int(m.official_enqueue_images) or None,
+              ptr_step=m.official_pixel_ptr_step)
+
+
 def hard_fraction(step: jax.Array, *, fraction: float, ramp_steps: int) -> jax.Array:
   """Semi-hard mining's top fraction at `step`: the hardness curriculum.
 
@@ -137,7 +153,8 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
     metrics: global values (invariant across devices): `loss`, `ce_loss`, `aux_ce_loss`,
       `contrast_loss`, `contrast_weight`, `valid_anchor_fraction`.
     keys: for the memory update, this device's `(embedding [b, h, w, D] detached,
-      label [b, h, w], image_id [b])`, or None without memory.
+      label [b, h, w], image_id [b])`; with the released queues (`official_mem`)
+      `(embedding, full-size label [b, H, W])`; None without memory.
   """
   class_weights = class_weights_from_config(config, num_classes)
   cw_array = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
@@ -149,6 +166,7 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
   aux_weight = float(config.loss.get("aux_weight", 0.4))
   use_contrast = contrast_active(config)
   use_memory = uses_memory(config)
+  use_queues = uses_official_queues(config)
   recipe = config.contrast.get("recipe", "paper")
   global_batch = bool(config.contrast.get("global_batch", True))
   weight = float(config.contrast.get("weight", 1.0))
@@ -183,6 +201,18 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
             emb, lab, pred, rng, num_classes=num_classes, temperature=c.temperature,
             base_temperature=c.base_temperature, max_samples=c.max_samples,
             max_views=c.max_views)
+    elif recipe == "official_mem":
+      c, skip_class0 = config.contrast, bool(config.memory.official_skip_class0)
+
+      def contrast_fn(emb, lab, pred, image_id, memory, rng, step, axis):
+        del image_id, step  # The queues are the contrast set, no mining.
+        if axis is not None:
+          gather = functools.partial(lax.all_gather, axis_name=axis, axis=0, tiled=True)
+          emb, lab, pred = gather(emb), gather(lab), gather(pred)
+        return official_mem.official_mem_contrast_loss(
+            emb, lab, pred, memory, rng, num_classes=num_classes, temperature=c.temperature,
+            base_temperature=c.base_temperature, max_samples=c.max_samples,
+            max_views=c.max_views, skip_class0=skip_class0)
     else:
       raise ValueError(f"config.contrast.recipe={recipe!r}: expected one of {choices.RECIPES}")
 
@@ -248,6 +278,9 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
         # Detached keys of this device's images; `memory.sample_keys_distributed` samples them
         # locally and all-gathers the samples, so every replica applies the same update.
         keys = (lax.stop_gradient(emb), lab, image_id)
+      elif use_queues:
+        # The released update reads the full-size labels at its own stride (official_mem.py).
+        keys = (lax.stop_gradient(emb), label)
     metrics["loss"] = lax.psum(share, axis_name)
     return share, (metrics, keys)
 

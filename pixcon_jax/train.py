@@ -35,6 +35,24 @@ from pixcon_jax import train_step as train_step_lib
 from pixcon_jax import validation
 
 
+# Datasets of the paper's experiments, which all start from ImageNet weights (Sec. 4.1).
+REAL_DATASETS = ("cityscapes", "pascal_context", "coco_stuff")
+README_SECTION = "README.md, 'Cityscapes end to end'"
+
+
+def from_scratch_warning(config: ml_collections.ConfigDict) -> str | None:
+  """The one warning line of a new run on a real dataset without `init_from`, else None."""
+  dataset = config.data.get("dataset", "")
+  if config.get("init_from") or dataset not in REAL_DATASETS:
+    return None
+  model = config.model.name
+  backbone = "HRNetV2-W48" if model.startswith("hrnet") else "ResNet-101"
+  return (f"config.init_from is not set: {model} trains on {dataset} from random weights, while "
+          f"the paper starts from ImageNet {backbone} weights; convert them with "
+          f"scripts/convert_checkpoint.py --backbone_only and pass config.init_from "
+          f"(see {README_SECTION}).")
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/Inf; the run stops keeping its last good checkpoint."""
 
@@ -267,6 +285,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state, train_iter, latest = resumed
       logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
     else:
+      warning = from_scratch_warning(c)
+      if warning:
+        logging.warning("%s", warning)
       state = setup.initial_state(exp)
       if c.get("init_from"):
         state = apply_init_from(exp, state)

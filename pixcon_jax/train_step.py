@@ -24,6 +24,7 @@ from pixcon_jax import objective as objective_lib
 from pixcon_jax import precision as precision_lib
 from pixcon_jax import sharding
 from pixcon_jax.contrast import memory as memory_lib
+from pixcon_jax.contrast import official_mem
 
 PyTree = Any
 TrainStep = Callable[["TrainState", dict[str, jax.Array]], tuple["TrainState", dict[str, jax.Array]]]
@@ -88,12 +89,17 @@ def _pixels_per_class(config: ml_collections.ConfigDict) -> int:
   return config.memory.get("pixels_per_class", 10) if "memory" in config else 10
 
 
-def init_memory(config: ml_collections.ConfigDict, *, num_classes: int, num_train_images: int):
-  """The initial MemoryBank for the paper's recipe, or None when no memory is used.
+def init_memory(config: ml_collections.ConfigDict, *, num_classes: int, num_train_images: int,
+                rng: jax.Array | None = None):
+  """The initial MemoryBank for the paper's recipe, the released queues, or None without memory.
 
   The bank carries an empty `pending` update of the global batch's shape: the step writes the
-  previous step's keys at its start (see `contrast/memory.py`, "Deferred writes").
+  previous step's keys at its start (see `contrast/memory.py`, "Deferred writes"). The released
+  queues (`recipe='official_mem'`) start as random unit vectors drawn from `rng`.
   """
+  if objective_lib.uses_official_queues(config):
+    return official_mem.init_queues(rng, num_classes=num_classes, dim=config.model.proj_dim,
+                                    queue_size=config.memory.official_queue_size)
   if not objective_lib.uses_memory(config):
     return None
   m = config.memory
@@ -129,7 +135,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-        memory=init_memory(config, num_classes=num_classes, num_train_images=num_train_images),
+        memory=init_memory(config, num_classes=num_classes, num_train_images=num_train_images,
+                           rng=jax.random.fold_in(init_rng, 1)),
         rng=state_rng)
 
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(init_rng, state_rng)
@@ -166,6 +173,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   objective = objective_lib.make_objective(config, num_classes=num_classes, axis_name=axis)
   schedule = make_schedule(config)
   use_memory = objective_lib.uses_memory(config)
+  use_queues = objective_lib.uses_official_queues(config)
+  queue_settings = (objective_lib.official_queue_settings(config, num_classes=num_classes)
+                    if use_queues else {})
   pixels_per_class = _pixels_per_class(config)
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array]):
@@ -206,6 +216,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
       memory = memory.replace(pending=memory_lib.sample_keys_distributed(
           *keys, memory_rng, num_classes=memory.num_classes, pixels_per_class=pixels_per_class,
           axis_name=axis))
+    if use_queues:
+      # The released order: this step's loss read the queues, then its keys are written
+      # (every replica writes the same all-gathered update).
+      memory = official_mem.enqueue(memory, *keys, memory_rng, axis_name=axis, **queue_settings)
     metrics = dict(metrics, lr=schedule(state.step), grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memory=memory)

@@ -14,17 +14,30 @@ def _config(name, arg=None):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-@pytest.mark.parametrize("arg", [None, "runlocal", "official", "official,runlocal", "bf16"])
+@pytest.mark.parametrize("arg", [None, "runlocal", "official", "official,runlocal", "bf16",
+                                 "official_mem", "official_mem,runlocal"])
 def test_config_variants_load(name, arg):
   c = _config(name, arg)
   for group in ("model", "data", "augment", "optim", "schedule", "loss", "contrast", "memory",
                 "eval", "checkpoint", "log"):
     assert group in c, group
   assert c.optim.momentum == 0.9 and c.optim.weight_decay == 5e-4 and c.schedule.power == 0.9
-  if arg and "official" in arg:
+  words = set((arg or "").split(","))
+  if "official" in words:
     assert c.contrast.recipe == "official" and c.contrast.weight == 0.1
     assert c.augment.bgr
     assert c.contrast.warmup_steps == 5000
+  elif "official_mem" in words:
+    # H_48_D_4_MEM.json: lambda 1 after 5000 steps, tau = base tau = 0.07, one view per class.
+    assert c.contrast.recipe == "official_mem" and c.contrast.weight == 1.0
+    assert c.contrast.warmup_steps == 5000 and c.augment.bgr and not c.contrast.global_batch
+    assert (c.contrast.temperature, c.contrast.base_temperature) == (0.07, 0.07)
+    assert (c.contrast.max_samples, c.contrast.max_views, c.memory.pixels_per_class) == (1024, 1, 10)
+    # demo.py:runlocal keeps its own model and sizes (it drops the word before finalize).
+    small = "runlocal" in words and name != "demo"
+    assert c.memory.official_queue_size == (64 if small else 5000)
+    assert (c.memory.official_label_stride, c.memory.official_pixel_ptr_step,
+            c.memory.official_skip_class0, c.memory.official_enqueue_images) == (8, "one", True, 2)
   else:
     assert c.contrast.recipe == "paper" and c.contrast.weight == 1.0
     assert c.contrast.warmup_steps == 0 and c.contrast.temperature == 0.1
@@ -50,6 +63,8 @@ def test_paper_defaults_of_the_main_configs():
 def test_unknown_arg_is_rejected():
   with pytest.raises(ValueError, match="unknown config arg"):
     _config("cityscapes_hrnet", "runlokal")
+  with pytest.raises(ValueError, match="two recipes"):
+    _config("cityscapes_hrnet", "official,official_mem")
 
 
 def test_ablation_keys_reach_the_contrast_settings():
@@ -73,7 +88,8 @@ def test_batch_size_not_divisible_names_the_config_key():
 
 
 @pytest.mark.parametrize("name,arg", [(n, "runlocal") for n in EXPERIMENTS[:-1]] +
-                         [("cityscapes_hrnet", "runlocal,official,bf16")])
+                         [("cityscapes_hrnet", "runlocal,official,bf16"),
+                          ("cityscapes_hrnet", "runlocal,official_mem")])
 def test_runlocal_train_step_traces(name, arg):
   """Builds model, state and the sharded step of each runlocal variant and lowers it (no compile)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -127,7 +143,7 @@ def _leaf_paths(c, prefix=""):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-@pytest.mark.parametrize("arg", [None, "runlocal", "official"])
+@pytest.mark.parametrize("arg", [None, "runlocal", "official", "official_mem"])
 def test_every_config_key_can_be_set_from_the_command_line(name, arg, parse_config_flags):
   # A key whose default is a plain None has no type, and config_flags refuses to override it
   # ("Type <class 'NoneType'> of field config.data.data_dir is not supported").

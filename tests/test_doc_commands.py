@@ -229,7 +229,8 @@ def test_the_docs_commands_are_found():
   """The extraction sees the commands of each kind (a broken extractor would test nothing)."""
   found = {(c.kind, c.program, c.args) for c in ALL_COMMANDS}
   assert ("main", "pixcon_jax.main", ("--config=configs/cityscapes_hrnet.py", "--workdir=/ckpt/run1",
-                                      "--config.data.data_dir=~/tfds")) in found
+                                      "--config.data.data_dir=~/tfds",
+                                      "--config.init_from=~/ckpt/hrnet_w48_imagenet")) in found
   assert ("script", "scripts/parity.py", ("tests/golden/*.json",)) in found
   assert ("overrides", OVERRIDES_BASE_CONFIG, ("--config.contrast.sources=('batch',)",)) in found
   kinds = {(c.where.split(":")[0], c.kind) for c in ALL_COMMANDS}

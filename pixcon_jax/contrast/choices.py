@@ -13,7 +13,8 @@ ANCHOR_SAMPLINGS = ("random", "seg_aware_hard")
 MININGS = ("random", "hardest", "semi_hard")
 # How mining selects its top-k set (`sampling.top_k_mask`).
 TOP_K_IMPLS = ("bisect", "sort", "approx")
-# Which loss the objective adds: Eq. 3 with memory (paper) or the released code's (official).
-RECIPES = ("paper", "official")
+# Which loss the objective adds: Eq. 3 with memory (paper), the released in-batch code (official)
+# or the released memory code (official_mem: per-class queues, contrast/official_mem.py).
+RECIPES = ("paper", "official", "official_mem")
 # Region memory layout (`memory.init_memory`): one row per image (paper) or a per-class FIFO.
 REGION_MODES = ("indexed", "fifo")

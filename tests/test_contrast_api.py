@@ -100,27 +100,31 @@ def test_labels_and_predictions_of_any_size_are_aligned_to_the_grid():
     contrast.align_predictions(logits[..., 0], (6, 9))
 
 
-def test_contrast_loss_is_the_papers_loss_on_the_aligned_inputs():
+def test_contrast_loss_is_the_papers_loss_on_the_aligned_inputs(quick_jit):
   emb, label, logits = _batch()
   s = contrast.make_settings(C, **SMALL)
   bank = contrast.create_memory(settings=s, dim=D, num_images=B)
   key = jax.random.key(0)
   bank = contrast.update_memory(bank, emb[::-1], label, key, settings=s, image_id=jnp.arange(B))
-  loss, metrics = jax.jit(lambda e, l, m, k, p: contrast.contrast_loss(
-      e, l, m, k, settings=s, predict=p, image_id=jnp.arange(B)))(emb, label, bank, key, logits)
-  grid_label = np.asarray(label)[:, ::2, ::2]
-  expected, expected_metrics = loss_lib.pixel_contrast_loss(
-      emb, jnp.asarray(grid_label), jnp.argmax(logits, -1), jnp.arange(B), bank, key,
-      settings=s.loss)
+  grid_label = jnp.asarray(np.asarray(label)[:, ::2, ::2])  # legacy nearest at scale 2
+
+  def both(emb, label, bank, key, logits):
+    api = lambda e: contrast.contrast_loss(e, label, bank, key, settings=s, predict=logits,
+                                           image_id=jnp.arange(B))
+    (loss, metrics), grad = jax.value_and_grad(api, has_aux=True)(emb)
+    expected = loss_lib.pixel_contrast_loss(emb, grid_label, jnp.argmax(logits, -1),
+                                            jnp.arange(B), bank, key, settings=s.loss)
+    return loss, metrics, grad, expected
+
+  loss, metrics, grad, (expected, expected_metrics) = quick_jit(both, emb, label, bank, key,
+                                                                logits)
   assert float(loss) > 0 and float(metrics["num_valid_anchors"]) > 0
   np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
   assert set(metrics) == set(expected_metrics)
-  grad = jax.grad(lambda e: contrast.contrast_loss(e, label, bank, key, settings=s,
-                                                   predict=logits)[0])(emb)
   assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
 
 
-def test_contrast_loss_says_what_is_missing():
+def test_contrast_loss_says_what_is_missing(quick_jit):
   emb, label, logits = _batch()
   s = contrast.make_settings(C, **SMALL)
   bank = contrast.create_memory(settings=s, dim=D, num_images=B)
@@ -138,7 +142,8 @@ def test_contrast_loss_says_what_is_missing():
   # In-batch only with random anchors: no bank, no predictions needed.
   batch_only = contrast.make_settings(C, sources=("batch",), anchor_sampling="random", **{
       k: v for k, v in SMALL.items() if k != "pixel_queue_size"})
-  loss, _ = contrast.contrast_loss(emb, label, None, key, settings=batch_only)
+  loss, _ = quick_jit(lambda e, l, k: contrast.contrast_loss(e, l, None, k, settings=batch_only),
+                      emb, label, key)
   assert float(loss) > 0
 
 
@@ -235,7 +240,8 @@ _DISTRIBUTED = textwrap.dedent("""
 
 def test_shard_map_and_pmap_give_the_single_device_loss_gradient_and_memory():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                                "--xla_backend_optimization_level=0")  # tiny: compile fast
   proc = subprocess.run([sys.executable, "-c", _DISTRIBUTED], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

@@ -5,7 +5,7 @@ a jitted step that adds `pixcon_jax.contrast`'s loss to the cross-entropy and up
 bank after the step. It trains on the procedural street scenes of pixcon_jax/data/synthetic.py
 and prints the losses; the contrast loss falls. About a minute on 2 CPU cores:
 
-  python examples/own_model.py [--steps=60]
+  python examples/own_model.py [--steps=40]
 
 docs/LIBRARY.md explains each call.
 """
@@ -112,5 +112,5 @@ def main(steps: int) -> None:
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--steps", type=int, default=40)
   main(parser.parse_args().steps)

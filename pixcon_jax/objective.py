@@ -26,7 +26,6 @@ weighted pixels.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -36,6 +35,7 @@ import ml_collections
 from jax import lax
 
 from pixcon_jax import losses
+from pixcon_jax.contrast import api as contrast_api
 from pixcon_jax.contrast import choices
 from pixcon_jax.contrast import health as contrast_health
 from pixcon_jax.contrast import labels as contrast_labels
@@ -67,20 +67,8 @@ def class_weights_from_config(config: ml_collections.ConfigDict, num_classes: in
 
 def contrast_settings(config: ml_collections.ConfigDict, *,
                       num_classes: int) -> contrast_loss.ContrastSettings:
-  """Builds `contrast.loss.ContrastSettings` from the keys of `config.contrast`/`config.memory`.
-
-  The one way from a config to settings. Fields are matched by name so that every setting has
-  one home in the config; a settings field missing from the config keeps its dataclass default.
-  """
-  cls = contrast_loss.ContrastSettings
-  values = {}
-  for group in ("memory", "contrast"):
-    if group in config:
-      for k, v in config[group].items():
-        values[k] = tuple(v) if isinstance(v, list) else v
-  values["num_classes"] = num_classes
-  kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
-  return cls(**kwargs)
+  """`ContrastSettings` from `config.contrast` / `config.memory` (`contrast.api`, the one way)."""
+  return contrast_api.loss_settings_from_config(config, num_classes=num_classes)
 
 
 def contrast_active(config: ml_collections.ConfigDict) -> bool:
@@ -128,14 +116,6 @@ def hard_fraction(step: jax.Array, *, fraction: float, ramp_steps: int) -> jax.A
   """
   progress = jnp.minimum(step.astype(jnp.float32) / float(ramp_steps), 1.0)
   return jnp.float32(fraction) ** progress
-
-
-def _predict_on_grid(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """argmax of the (detached) logits on the embedding grid: [B, h, w] int32."""
-  predict = jnp.argmax(lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
-  if predict.shape[1:3] != tuple(size):
-    predict = contrast_labels.downsample_labels(predict, size)
-  return predict
 
 
 def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
@@ -257,7 +237,7 @@ def make_objective(config: ml_collections.ConfigDict, *, num_classes: int,
       if "embedding" not in outputs:
         raise ValueError(f"config.contrast.enabled=True but model {config.model.name!r} has no "
                          "projection head (use a '*_contrast' model)")
-      pred = _predict_on_grid(outputs["logits"], grid)
+      pred = contrast_api.align_predictions(outputs["logits"], grid)  # detached argmax
       image_id = batch["image_id"].astype(jnp.int32)
       if global_batch:
         # One loss of the whole mini-batch, evaluated by all devices together; every device

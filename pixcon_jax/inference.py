@@ -25,7 +25,7 @@ memory bank play no part at inference (paper Sec. 3.4).
 
 Every function here is per device, jit- and shard_map-safe, with static shapes; the sharded
 dataset-level evaluation (`evaluate.Evaluator`) and the prediction of a folder
-(`predict.make_predictor`) compose them.
+(`segment.make_predictor`) compose them.
 """
 from __future__ import annotations
 

@@ -55,6 +55,7 @@ class Segmenter:
     info: the dataset (class names, palette, raw label ids).
     matmul_precision: of every dot and conv (`precision.matmul_precision`).
     source: where the weights came from (checkpoint and step, or the converted folder).
+    config: the experiment config it was built from.
   """
   model: Any
   variables: Any
@@ -63,6 +64,7 @@ class Segmenter:
   info: datasets.DatasetInfo
   matmul_precision: str | None
   source: str
+  config: ml_collections.ConfigDict
 
   @property
   def num_classes(self) -> int:
@@ -132,12 +134,14 @@ class Segmenter:
       return [self.colorize(x) for x in labels]
     return colorize(np.asarray(labels), self.palette)
 
-  def export(self, image_shape: str | Sequence[int | str]) -> jax.export.Exported:
+  def export(self, image_shape: str | Sequence[int | str], *,
+             platforms: Sequence[str] | None = None) -> jax.export.Exported:
     """The segmenter as a `jax.export.Exported`: uint8 images -> int32 train ids, weights inside.
 
     Args:
       image_shape: shape of the uint8 input [N, H, W, 3]; ints and/or symbolic dimension
         names, e.g. (1, 512, 1024, 3) or "b, 512, 1024, 3" (`jax.export.symbolic_shape`).
+      platforms: to lower for ('cpu', 'cuda', 'rocm', 'tpu'); None: the default backend.
     Returns:
       The `Exported`; `exported.call(image)` (after `jax.export.deserialize` of
       `exported.serialize()`) needs jax only. Normalisation runs inside the graph.
@@ -150,16 +154,23 @@ class Segmenter:
       shape = tuple(int(d) for d in image_shape)
     mean, std = transforms.mean_std(self.augment)
     variables = jax.tree.map(np.asarray, self.variables)
+    # XLA's own convolutions: the CPU algorithms of `models.conv` pick themselves by static
+    # sizes, and the artifact may run on any platform. Same variables, same arithmetic.
+    config = self.config.copy_and_resolve_references()
+    config.model.conv_impl = "xla"
+    apply_fn = inference.logits_apply_fn(setup.build_model(config, train=False),
+                                         matmul_precision=self.matmul_precision)
 
     def segment(image):
       x = image.astype(jnp.float32)
       if self.augment.bgr:
         x = x[..., ::-1]
       x = (x - mean) * (1.0 / std)  # transforms.normalize, in the graph.
-      scores = inference.predict_scores(self._apply_fn, variables, x, settings=self.settings)
+      scores = inference.predict_scores(apply_fn, variables, x, settings=self.settings)
       return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
-    return jax.export.export(jax.jit(segment))(jax.ShapeDtypeStruct(shape, jnp.uint8))
+    return jax.export.export(jax.jit(segment), platforms=platforms)(
+        jax.ShapeDtypeStruct(shape, jnp.uint8))
 
 
 def _check_images(images: Any) -> np.ndarray:
@@ -205,7 +216,7 @@ def from_config(config: ml_collections.ConfigDict, workdir: str) -> Segmenter:
                    settings=inference.settings_from_config(config.eval),
                    augment=transforms.AugmentConfig.from_config(config.augment),
                    info=exp.info, matmul_precision=precision.matmul_precision(config),
-                   source=source)
+                   source=source, config=config)
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

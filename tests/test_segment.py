@@ -26,8 +26,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  return segment_fixtures.tiny_run(tmp_path_factory.mktemp("segment") / "run")
+def run_dir(tiny_run_dir):
+  return tiny_run_dir  # conftest.py
 
 
 def _images(tmp_path):

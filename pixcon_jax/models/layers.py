@@ -8,6 +8,7 @@ variance is updated with the *unbiased* batch variance, bilinear resize with
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -164,7 +165,8 @@ def _resize_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
   # is a scatter-add (serial on CPU, slow on TPU), and XLA:CPU fuses the whole elementwise
   # chain that produced x into a gather, recomputing it for every output pixel.
   m = jnp.asarray(_interpolation_matrix(in_size, out_size))
-  n, k = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1:]))
+  # math.prod, not int(np.prod): the leading (batch) size may be symbolic (jax.export).
+  n, k = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
   y = jnp.einsum("oi,nik->nok", m, x.reshape(n, in_size, k).astype(jnp.float32),
                  precision=lax.Precision.HIGHEST)
   return y.reshape(x.shape[:axis] + (out_size,) + x.shape[axis + 1:]).astype(x.dtype)

@@ -33,20 +33,6 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory, or a converted checkpoint folder")
-_OUT = flags.DEFINE_string("out", None, "output folder for the export")
-_IMAGE_SIZE = flags.DEFINE_list("image_size", None, "H,W of the input images: ints or symbolic "
-                                "dimension names")
-_BATCH = flags.DEFINE_string("batch", "b", "batch size: an int, or a symbolic name (any size)")
-_PROTOCOL = flags.DEFINE_string("protocol", None, "single | paper | official; default: the run's "
-                                "config.eval")
-_MODEL = flags.DEFINE_string("model", None, "model name of a converted checkpoint")
-_DATASET = flags.DEFINE_string("dataset", None, "dataset of a converted checkpoint (cityscapes)")
-_PLATFORMS = flags.DEFINE_list("platforms", None, "platforms to lower for (cpu, cuda, rocm, tpu); "
-                               "default: the current backend")
-_SAVED_MODEL = flags.DEFINE_bool("saved_model", False, "also write a TF SavedModel (jax2tf)")
-_FORCE = flags.DEFINE_bool("force", False, "replace an existing --out folder")
-
 EXPORT_FILE = "segmenter.jax"
 META_FILE = "segmenter.json"
 LOADER_FILE = "load_segmenter.py"
@@ -164,28 +150,50 @@ def write_saved_model(exported: Any, path: pathlib.Path) -> None:
   tf.saved_model.save(module, str(path), signatures={"serving_default": module.segment})
 
 
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line (only when run as a script: importing the module defines no flag)."""
+  flags.DEFINE_string("workdir", None, "run directory, or a converted checkpoint folder")
+  flags.DEFINE_string("out", None, "output folder for the export")
+  flags.DEFINE_list("image_size", None, "H,W of the input images: ints or symbolic dimension "
+                    "names")
+  flags.DEFINE_string("batch", "b", "batch size: an int, or a symbolic name (any size)")
+  flags.DEFINE_string("protocol", None, "single | paper | official; default: the run's "
+                      "config.eval")
+  flags.DEFINE_string("model", None, "model name of a converted checkpoint")
+  flags.DEFINE_string("dataset", None, "dataset of a converted checkpoint (cityscapes)")
+  flags.DEFINE_list("platforms", None, "platforms to lower for (cpu, cuda, rocm, tpu); "
+                    "default: the current backend")
+  flags.DEFINE_bool("saved_model", False, "also write a TF SavedModel (jax2tf)")
+  flags.DEFINE_bool("force", False, "replace an existing --out folder")
+
+
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr, flush=True)
+    sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   from pixcon_jax import validation  # pylint: disable=g-import-not-at-top
   try:
-    for flag in (_WORKDIR, _OUT):
-      if not flag.value:
-        raise validation.ConfigError(f"--{flag.name} is required")
-    shape = input_shape(_BATCH.value, _IMAGE_SIZE.value)
-    out = pathlib.Path(_OUT.value).expanduser().resolve()
+    for name in ("workdir", "out"):
+      if not FLAGS[name].value:
+        raise validation.ConfigError(f"--{name} is required")
+    shape = input_shape(FLAGS.batch, FLAGS.image_size)
+    out = pathlib.Path(FLAGS.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
-      raise validation.ConfigError(f"--out={_OUT.value!r} is a file: expected a folder")
+      raise validation.ConfigError(f"--out={FLAGS.out!r} is a file: expected a folder")
     if out.exists() and any(out.iterdir()):
-      if not _FORCE.value:
-        raise validation.ConfigError(f"--out={_OUT.value!r} exists and is not empty; pass "
+      if not FLAGS.force:
+        raise validation.ConfigError(f"--out={FLAGS.out!r} exists and is not empty; pass "
                                      f"--force to replace it")
       shutil.rmtree(out)
     from pixcon_jax import segment  # pylint: disable=g-import-not-at-top
-    seg = segment.load_segmenter(_WORKDIR.value, protocol=_PROTOCOL.value, model=_MODEL.value,
-                                 dataset=_DATASET.value)
-    meta = write_export(seg, out, shape, platforms=_PLATFORMS.value,
-                        saved_model=_SAVED_MODEL.value)
+    seg = segment.load_segmenter(FLAGS.workdir, protocol=FLAGS.protocol, model=FLAGS.model,
+                                 dataset=FLAGS.dataset)
+    meta = write_export(seg, out, shape, platforms=FLAGS.platforms,
+                        saved_model=FLAGS.saved_model)
   except validation.InputError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(validation.EXIT_BAD_INPUT)
@@ -194,4 +202,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

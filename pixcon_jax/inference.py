@@ -186,8 +186,11 @@ def single_pass_logits(apply_fn: ApplyFn, variables: Any, image: jax.Array, *, s
     [B, H, W, C] float32 raw logits (official `ss_test` / `sscrop_test`).
   """
   _, height, width, _ = image.shape
-  size = (int(height * scale), int(width * scale))
-  x = image if size == (height, width) else layers.resize_bilinear(image, size)
+  if scale == 1.0:  # also where height / width are symbolic (jax.export)
+    x = image
+  else:
+    size = (int(height * scale), int(width * scale))
+    x = image if size == (height, width) else layers.resize_bilinear(image, size)
   if settings.mode == "whole":
     logits = _whole_logits(apply_fn, variables, x)
   else:

@@ -140,7 +140,8 @@ class Segmenter:
 
     Args:
       image_shape: shape of the uint8 input [N, H, W, 3]; ints and/or symbolic dimension
-        names, e.g. (1, 512, 1024, 3) or "b, 512, 1024, 3" (`jax.export.symbolic_shape`).
+        names, e.g. (1, 512, 1024, 3), "b, 512, 1024, 3" or "b, h, w, 3"
+        (`jax.export.symbolic_shape`; a symbolic H or W needs a single-scale protocol).
       platforms: to lower for ('cpu', 'cuda', 'rocm', 'tpu'); None: the default backend.
     Returns:
       The `Exported`; `exported.call(image)` (after `jax.export.deserialize` of

@@ -1,17 +1,17 @@
 r"""Exports a trained segmenter with `jax.export`: it then runs with JAX alone, without pixcon_jax.
 
     python scripts/export.py --workdir=/path/to/run --out=/path/to/export \
-        --image_size=512,1024 [--batch=b] [--protocol=single] [--platforms=cpu,cuda] [--saved_model]
+        [--image_size=512,1024] [--batch=b] [--protocol=single] [--platforms=cpu,cuda] [--saved_model]
 
 `--workdir` is what `pixcon_jax.load_segmenter` takes: a run's workdir (with config.json) or the
 --out folder of scripts/convert_checkpoint.py (then pass --model, and --dataset if not
 Cityscapes). The export computes exactly `load_segmenter(...)(images)`: uint8 RGB images
 [N, H, W, 3] -> int32 train ids [N, H, W], with the run's normalisation and the chosen
 inference protocol inside the graph and the weights as constants. `--batch` and each entry of
-`--image_size` are an int or a symbolic dimension name (`jax.export.symbolic_shape`): the
-default `--batch=b` accepts any batch size. A symbolic image size needs a model whose
-resizes take traced sizes; the bundled models' align-corners resize builds its interpolation
-matrices from static sizes, so for them the image size is fixed (export one folder per size).
+`--image_size` are an int or a symbolic dimension name (`jax.export.symbolic_shape`); the
+defaults `--batch=b --image_size=h,w` accept any batch and any image size. Multi-scale
+protocols resize by `int(H * scale)` and need ints; so does a model whose layers need static
+sizes (the message says so: export one folder per size then).
 
 Writes into --out (created; an existing folder needs --force):
   segmenter.jax          the serialized `jax.export.Exported` (StableHLO + weights)
@@ -65,7 +65,9 @@ def load(folder):
 
 if __name__ == "__main__":
   segment = load(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent)
-  shape = [d if isinstance(d, int) else 1 for d in segment.meta["input_shape"]]
+  # Symbolic dimensions: one image of 64 x 128.
+  shape = [d if isinstance(d, int) else s for d, s in zip(segment.meta["input_shape"],
+                                                          (1, 64, 128, 3))]
   labels = segment(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
   print("labels", labels.shape, labels.dtype, "classes", sorted(set(labels.ravel().tolist())))
 '''
@@ -101,7 +103,8 @@ def write_export(seg: Any, out: pathlib.Path, shape: Sequence[int | str], *,
     exported = seg.export(shape, platforms=platforms)
   except Exception as e:  # pylint: disable=broad-except
     # jax's shape errors (a symbolic size the model cannot trace) are long; keep the first line.
-    hint = (" (the model's resizes need a static image size: give --image_size as ints)"
+    hint = (" (this model or protocol needs a static image size: give --image_size as ints; "
+            "multi-scale protocols always do)"
             if any(isinstance(d, str) for d in shape[1:3]) else "")
     raise validation.ConfigError(
         f"cannot export for input shape {list(shape)}{hint}: {type(e).__name__}: "
@@ -157,8 +160,8 @@ def _define_flags() -> None:
   """The command line (only when run as a script: importing the module defines no flag)."""
   flags.DEFINE_string("workdir", None, "run directory, or a converted checkpoint folder")
   flags.DEFINE_string("out", None, "output folder for the export")
-  flags.DEFINE_list("image_size", None, "H,W of the input images: ints or symbolic dimension "
-                    "names")
+  flags.DEFINE_list("image_size", ["h", "w"], "H,W of the input images: ints, or symbolic "
+                    "dimension names (any size)")
   flags.DEFINE_string("batch", "b", "batch size: an int, or a symbolic name (any size)")
   flags.DEFINE_string("protocol", None, "single | paper | official; default: the run's "
                       "config.eval")

@@ -112,12 +112,22 @@ def test_bad_shapes_name_the_flag(batch, size, message):
     _script().input_shape(batch, size)
 
 
-def test_symbolic_image_size_is_refused_with_the_reason(tiny_run_dir, tmp_path):
+def test_symbolic_image_size_runs_any_size_and_multi_scale_is_refused(tiny_run_dir, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
   seg = pixcon_jax.load_segmenter(str(tiny_run_dir))
-  with pytest.raises(validation.InputError, match=r"need a static image size: give "
+  meta = _script().write_export(seg, tmp_path / "e", ["b", "h", "w", 3])
+  assert meta["input_shape"] == ["b", "h", "w", 3]
+  exported = jax.export.deserialize(bytearray((tmp_path / "e" / "segmenter.jax").read_bytes()))
+  rng = np.random.default_rng(5)
+  for shape in ((2, 24, 40, 3), (1, 19, 33, 3)):  # odd sizes too
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(exported.call(images)), seg(images))
+  # Multi-scale resizes to int(H * scale): a symbolic H cannot be scaled.
+  multi = pixcon_jax.load_segmenter(str(tiny_run_dir), protocol="paper")
+  with pytest.raises(validation.InputError, match=r"needs a static image size: give "
                                                    r"--image_size as ints"):
-    _script().write_export(seg, tmp_path / "e", ["b", "h", "w", 3])
-  assert not (tmp_path / "e").exists()
+    _script().write_export(multi, tmp_path / "m", ["b", "h", "w", 3])
+  assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.slow  # TensorFlow's import and the SavedModel write take ~30 s

@@ -4,18 +4,13 @@ One tiny run directory (checkpoint + config.json, random weights, no training) s
 workdir cases: the segmenter must give mode predict's PNGs pixel for pixel. The converted case
 runs the full-width HRNet-W48 on the golden input against the official logits.
 """
-import json
 import pathlib
 
-import flax
-import jax
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 import pixcon_jax
-from pixcon_jax import checkpointing
 from pixcon_jax import predict
 from pixcon_jax import segment
 from pixcon_jax import validation

@@ -25,7 +25,7 @@ memory bank play no part at inference (paper Sec. 3.4).
 
 Every function here is per device, jit- and shard_map-safe, with static shapes; the sharded
 dataset-level evaluation (`evaluate.Evaluator`) and the prediction of a folder
-(`predict.make_predictor`) compose them.
+(`segment.make_predictor`) compose them.
 """
 from __future__ import annotations
 
@@ -189,8 +189,11 @@ def single_pass_logits(apply_fn: ApplyFn, variables: Any, image: jax.Array, *, s
     [B, H, W, C] float32 raw logits (official `ss_test` / `sscrop_test`).
   """
   _, height, width, _ = image.shape
-  size = (int(height * scale), int(width * scale))
-  x = image if size == (height, width) else layers.resize_bilinear(image, size)
+  if scale == 1.0:  # also where height / width are symbolic (jax.export)
+    x = image
+  else:
+    size = (int(height * scale), int(width * scale))
+    x = image if size == (height, width) else layers.resize_bilinear(image, size)
   if settings.mode == "whole":
     logits = _whole_logits(apply_fn, variables, x)
   else:

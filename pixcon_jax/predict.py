@@ -19,7 +19,8 @@ the image's full resolution. With `--config.predict.label_format=label_id` (defa
 `OUT/label/<city>_<seq>_<frame>_labelIds.png`, which cityscapesscripts'
 `evalPixelLevelSemanticLabeling` finds (it matches `<city>_<seq>_<frame>*.png` under
 CITYSCAPES_RESULTS=OUT/label). Weights: the latest checkpoint in the workdir, else
-`config.init_from`. On several processes the files are split between them.
+`config.init_from`. On several processes the files are split between them. The images go
+through `segment.Segmenter`, the segmenter of the Python API (`pixcon_jax.load_segmenter`).
 """
 from __future__ import annotations
 
@@ -29,19 +30,14 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
 
-from pixcon_jax import checkpointing
-from pixcon_jax import inference
 from pixcon_jax import paths
-from pixcon_jax import precision
-from pixcon_jax import setup
+from pixcon_jax import segment
 from pixcon_jax import validation
 from pixcon_jax.data import classes
-from pixcon_jax.data import transforms
 
 # `config.predict.label_format`: what the label PNGs hold.
 LABEL_FORMATS = ("train_id", "label_id")
@@ -164,20 +160,9 @@ def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, ste
   color_path = color_dir / (stem + ".png")
   with label_path.open("wb") as f:
     Image.fromarray(values.astype(dtype)).save(f, format="PNG")
-  lut = np.zeros((max(256, len(palette)), 3), np.uint8)
-  lut[:len(palette)] = palette
   with color_path.open("wb") as f:
-    Image.fromarray(lut[label.astype(np.int64)]).save(f, format="PNG")
+    Image.fromarray(segment.colorize(label, palette)).save(f, format="PNG")
   return os.fspath(label_path), os.fspath(color_path)
-
-
-def make_predictor(apply_fn: inference.ApplyFn, settings: inference.InferenceSettings):
-  """Jitted `(variables, image [1, H, W, 3]) -> label [1, H, W] int32` (recompiles per size)."""
-  @jax.jit
-  def predict(variables, image):
-    scores = inference.predict_scores(apply_fn, variables, image, settings=settings)
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-  return predict
 
 
 def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
@@ -190,18 +175,11 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   input_dir, output_dir = _predict_config(config)
   label_format = _label_format(config)
   names = list_inputs(input_dir)
-  exp = setup.for_inference(config)
-  id_lut = (classes.train_id_to_id_lut(exp.info.class_table) if label_format == "label_id"
+  # The Python API's segmenter (segment.py): the same weights, normalisation and protocol.
+  seg = segment.from_config(config, workdir)
+  id_lut = (classes.train_id_to_id_lut(seg.info.class_table) if label_format == "label_id"
             else None)
-  variables, source, _ = checkpointing.load_variables(config, workdir, model=exp.eval_model,
-                                                     mesh=exp.mesh)
-  # One device per process; the replicated copy already sits there.
-  local = jax.tree.map(lambda x: x.addressable_data(0), variables)
-  settings = inference.settings_from_config(config.eval)
-  predictor = make_predictor(inference.logits_apply_fn(
-      exp.eval_model, matmul_precision=precision.matmul_precision(config)), settings)
-  augment = transforms.AugmentConfig.from_config(config.augment)
-  palette = np.asarray(exp.info.palette, np.uint8)
+  source, settings, palette = seg.source, seg.settings, seg.palette
   stems = output_names(names)
   mine = names[jax.process_index()::jax.process_count()]
   logging.info("predicting %d images of %s with %s (%s)", len(mine), input_dir, source, settings)
@@ -215,8 +193,7 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
       print(f"skipped {path}: not a readable image ({type(e).__name__})", flush=True)
       report["skipped"].append({"input": name, "reason": f"{type(e).__name__}: {e}"})
       continue
-    image = transforms.normalize(rgb, augment)[None]
-    label = np.asarray(predictor(local, image))[0]
+    label = seg(rgb)
     label_path, color_path = save_prediction(label, palette, output_dir, stems[name],
                                              id_lut=id_lut)
     report["written"].append({"input": name, "label": label_path, "color": color_path,

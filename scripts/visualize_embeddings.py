@@ -9,10 +9,11 @@ L2-normalised projection, [B, h, w, D]; `--feature_key` picks another output, e.
 `features` for a model without projection head: the backbone maps resized to the finest
 one and concatenated, or `logits`), labels
 brought to the embedding grid with the loss's legacy-nearest rule, at most `--per_class`
-valid pixels per class. The 2-D projection is a small exact t-SNE in numpy (no sklearn /
-umap dependency) or PCA (`--method=pca`). The scatter plot is drawn with PIL, saved as a
-PNG (default `<workdir>/embeddings_<method>.png`) and logged to TensorBoard as
-`embeddings/<method>`.
+valid pixels per class. The 2-D projection is scikit-learn's t-SNE or PCA (`--method=pca`).
+The scatter plot is drawn with matplotlib, saved as a PNG (default
+`<workdir>/embeddings_<method>.png`) and logged to TensorBoard as `embeddings/<method>`.
+scikit-learn and matplotlib come with the optional extra: `pip install -e ".[viz]"`; without
+them the script prints one `error:` line naming the extra and exits with 2.
 
 Printed as JSON (and logged as scalars), computed on the L2-normalised D-dimensional
 embeddings, so a CE-only and a contrast model can be compared:
@@ -34,94 +35,67 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from pixcon_jax import validation
 
 from pixcon_jax import cli
 from pixcon_jax import validation
 
 
 # ------------------------------------------------------------------------------------------
-# Projections.
+# The [viz] extra and the projections.
+
+VIZ_EXTRA = 'pip install -e ".[viz]"'  # scikit-learn and matplotlib (pyproject.toml)
+
+
+class MissingExtraError(validation.InputError):
+  """scikit-learn or matplotlib is not installed: the message names the extra."""
+
+
+def require_viz() -> None:
+  """Raises MissingExtraError (one line naming the extra) unless scikit-learn and matplotlib
+  import."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+    import sklearn  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise MissingExtraError(
+        f"scripts/visualize_embeddings.py needs the [viz] extra (scikit-learn, matplotlib), "
+        f"{e.name or 'a package'} is missing: {VIZ_EXTRA}") from None
+
 
 def pca(x: np.ndarray, dim: int = 2) -> np.ndarray:
-  """[N, D] -> [N, dim] principal components."""
-  x = np.asarray(x, np.float64)
-  x = x - x.mean(0)
-  _, _, vt = np.linalg.svd(x, full_matrices=False)
-  return x @ vt[:dim].T
+  """[N, D] -> [N, dim] principal components (scikit-learn)."""
+  from sklearn.decomposition import PCA  # pylint: disable=g-import-not-at-top
+  return PCA(n_components=dim).fit_transform(np.asarray(x, np.float64))
 
+
+def tsne(x: np.ndarray, dim: int = 2, *, perplexity: float = 30.0, iters: int = 500,
+         seed: int = 0) -> np.ndarray:
+  """scikit-learn's t-SNE (PCA init, automatic learning rate).
+
+  Args:
+    x: [N, D] points.
+    perplexity: clipped to (N - 1) / 3 for small N (scikit-learn needs perplexity < N).
+    iters: optimisation steps after scikit-learn's 250 steps of early exaggeration.
+  Returns:
+    [N, dim] embedding.
+  """
+  from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x, np.float64)
+  perplexity = min(perplexity, max(2.0, (x.shape[0] - 1) / 3.0))
+  return TSNE(n_components=dim, perplexity=perplexity, max_iter=250 + int(iters),
+              init="pca", learning_rate="auto", random_state=seed).fit_transform(x)
+
+
+# ------------------------------------------------------------------------------------------
+# Numbers and drawing.
 
 def _squared_distances(x: np.ndarray) -> np.ndarray:
   s = np.sum(x * x, axis=1)
   return np.maximum(s[:, None] + s[None, :] - 2.0 * x @ x.T, 0.0)
 
-
-def _affinities(x: np.ndarray, perplexity: float, tol: float = 1e-5, steps: int = 64) -> np.ndarray:
-  """Symmetrised t-SNE input affinities P [N, N]; per-row precision by bisection on entropy."""
-  n = x.shape[0]
-  d = _squared_distances(x)
-  target = np.log(perplexity)
-  p = np.zeros((n, n))
-  beta = np.ones(n)
-  lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
-  mask = ~np.eye(n, dtype=bool)
-  # All rows are bisected together (vectorised), each on its own bracket.
-  for _ in range(steps):
-    logits = -d * beta[:, None]
-    logits[~mask] = -np.inf
-    logits -= logits.max(1, keepdims=True)
-    e = np.exp(logits)
-    z = e.sum(1, keepdims=True)
-    p = e / z
-    entropy = -np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-300)), 0.0), axis=1)
-    diff = entropy - target
-    if np.all(np.abs(diff) < tol):
-      break
-    up = diff > 0  # entropy too high -> sharpen (raise beta)
-    lo = np.where(up, beta, lo)
-    hi = np.where(up, hi, beta)
-    beta = np.where(up, np.where(np.isinf(hi), beta * 2, (beta + hi) / 2),
-                    np.where(np.isinf(lo), beta / 2, (beta + lo) / 2))
-  p = (p + p.T) / (2.0 * n)
-  return np.maximum(p, 1e-12)
-
-
-def tsne(x: np.ndarray, dim: int = 2, *, perplexity: float = 30.0, iters: int = 500,
-         learning_rate: float = 200.0, exaggeration: float = 12.0, exaggeration_iters: int = 100,
-         seed: int = 0) -> np.ndarray:
-  """Exact t-SNE (van der Maaten & Hinton 2008) with gains and momentum, O(N^2) memory.
-
-  Args:
-    x: [N, D] points (N up to a few thousand).
-  Returns:
-    [N, dim] embedding, centred.
-  """
-  x = np.asarray(x, np.float64)
-  n = x.shape[0]
-  perplexity = min(perplexity, max(2.0, (n - 1) / 3.0))
-  p = _affinities(pca(x, min(50, x.shape[1], n)) if x.shape[1] > 50 else x, perplexity)
-  rng = np.random.default_rng(seed)
-  y = rng.normal(0.0, 1e-4, (n, dim))
-  velocity = np.zeros_like(y)
-  gains = np.ones_like(y)
-  for it in range(iters):
-    num = 1.0 / (1.0 + _squared_distances(y))
-    np.fill_diagonal(num, 0.0)
-    q = np.maximum(num / num.sum(), 1e-12)
-    scale = exaggeration if it < exaggeration_iters else 1.0
-    w = (scale * p - q) * num
-    grad = 4.0 * (np.diag(w.sum(1)) - w) @ y
-    momentum = 0.5 if it < 250 else 0.8
-    gains = np.where(np.sign(grad) != np.sign(velocity), gains + 0.2, gains * 0.8)
-    gains = np.maximum(gains, 0.01)
-    velocity = momentum * velocity - learning_rate * gains * grad
-    y = y + velocity
-    y = y - y.mean(0)
-  return y
-
-
-# ------------------------------------------------------------------------------------------
-# Numbers and drawing.
 
 def cluster_statistics(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   """Compactness / separation of L2-normalised embeddings [N, D] with class labels [N]."""
@@ -150,28 +124,32 @@ def cluster_statistics(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def render(points: np.ndarray, labels: np.ndarray, palette: np.ndarray, names: Sequence[str], *,
            size: int = 800, radius: int = 3, title: str = "") -> np.ndarray:
-  """Scatter plot [size, size + legend, 3] uint8: points coloured by class, legend on the right."""
-  legend_w = 180
-  img = Image.new("RGB", (size + legend_w, size), (255, 255, 255))
-  draw = ImageDraw.Draw(img)
+  """Scatter plot [size, size + legend, 3] uint8 (matplotlib): points coloured by class in the
+  dataset palette, a legend of the classes present on the right."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")  # no display; before pyplot
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  dpi, legend_w = 100, 180
+  fig = plt.figure(figsize=((size + legend_w) / dpi, size / dpi), dpi=dpi)
+  ax = fig.add_axes((0.02, 0.02, size / (size + legend_w) - 0.03, 0.93))
   pts = np.asarray(points, np.float64)
-  lo, hi = pts.min(0), pts.max(0)
-  margin = 20
-  span = np.maximum(hi - lo, 1e-9)
-  xy = margin + (pts - lo) / span * (size - 2 * margin)
+  labels = np.asarray(labels).astype(np.int64)
   order = np.random.default_rng(0).permutation(len(pts))  # no class painted last on top
-  for i in order:
-    x, y = xy[i]
-    col = tuple(int(v) for v in palette[int(labels[i])])
-    draw.ellipse([x - radius, size - y - radius, x + radius, size - y + radius], fill=col)
+  colours = np.asarray(palette, np.float64)[labels[order]] / 255.0
+  ax.scatter(pts[order, 0], pts[order, 1], c=colours, s=(2 * radius) ** 2, linewidths=0)
+  ax.set_xticks([])
+  ax.set_yticks([])
   if title:
-    draw.text((margin, 4), title, fill=(0, 0, 0))
-  present = sorted(set(int(l) for l in labels))
-  for row, c in enumerate(present):
-    y0 = margin + 16 * row
-    draw.rectangle([size + 10, y0, size + 22, y0 + 12], fill=tuple(int(v) for v in palette[c]))
-    draw.text((size + 28, y0), str(names[c]), fill=(0, 0, 0))
-  return np.asarray(img)
+    ax.set_title(title, fontsize=8, loc="left")
+  present = sorted(set(labels.tolist()))
+  handles = [plt.Line2D([], [], marker="s", linestyle="", markersize=8,
+                        color=np.asarray(palette[c], np.float64) / 255.0, label=str(names[c]))
+             for c in present]
+  fig.legend(handles=handles, loc="upper right", fontsize=8, frameon=False)
+  fig.canvas.draw()
+  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return image
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,7 +215,12 @@ def run(config: Any, workdir: str, *, num_batches: int = 4, per_class: int = 100
         method: str = "tsne", perplexity: float = 30.0, iters: int = 500,
         output: str | None = None, feature_key: str = "embedding", seed: int = 0
         ) -> dict[str, Any]:
-  """Samples, projects, draws, logs; returns {"png": path, "statistics": {...}, ...}."""
+  """Samples, projects, draws, logs; returns {"png": path, "statistics": {...}, ...}.
+
+  Raises:
+    MissingExtraError before any work when the [viz] extra is not installed.
+  """
+  require_viz()
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   emb, lab, info, source, step = sample_embeddings(
       config, workdir, num_batches=num_batches, per_class=per_class, feature_key=feature_key,
@@ -274,7 +257,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("per_class", 100, "Pixels sampled per class.")
   flags.DEFINE_enum("method", "tsne", ["tsne", "pca"], "2-D projection.")
   flags.DEFINE_float("perplexity", 30.0, "t-SNE perplexity.")
-  flags.DEFINE_integer("iters", 500, "t-SNE iterations.")
+  flags.DEFINE_integer("iters", 500, "t-SNE iterations after the 250 of early exaggeration.")
   flags.DEFINE_string("output", None, "PNG path (default <workdir>/embeddings_<method>.png).")
   flags.DEFINE_string("feature_key", "embedding", "Model output to project.")
   flags.DEFINE_integer("seed", 0, "Sampling / t-SNE seed.")
@@ -284,10 +267,15 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = run(FLAGS.config, FLAGS.workdir, num_batches=FLAGS.num_batches,
-               per_class=FLAGS.per_class, method=FLAGS.method, perplexity=FLAGS.perplexity,
-               iters=FLAGS.iters, output=FLAGS.output, feature_key=FLAGS.feature_key,
-               seed=FLAGS.seed)
+  try:
+    require_viz()  # before the model is built
+    result = run(FLAGS.config, FLAGS.workdir, num_batches=FLAGS.num_batches,
+                 per_class=FLAGS.per_class, method=FLAGS.method, perplexity=FLAGS.perplexity,
+                 iters=FLAGS.iters, output=FLAGS.output, feature_key=FLAGS.feature_key,
+                 seed=FLAGS.seed)
+  except validation.InputError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(validation.EXIT_BAD_INPUT)
   logging.info("wrote %s", result["png"])
   print(json.dumps(result, indent=1))
   sys.stdout.flush()

@@ -68,3 +68,13 @@ def quick_jit():
     return lowered.compile()(*args)
 
   return run
+
+
+# ---- a trained run's stand-in (test_segment, test_export) ------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory) -> pathlib.Path:
+  """A run directory as training leaves it (config.json, checkpoints of steps 1 and 2) of a
+  4-32 channel HRNet with random weights (tests/segment_fixtures.py)."""
+  import segment_fixtures  # pylint: disable=g-import-not-at-top
+  return segment_fixtures.tiny_run(tmp_path_factory.mktemp("tiny_run") / "run")

@@ -178,8 +178,12 @@ def _load_script():
 def test_official_checkpoint_converts_for_the_model_its_config_dict_names(official_pth, tiny,
                                                                           monkeypatch):
   path, fake = official_pth
-  monkeypatch.syspath_prepend(str(fake))
-  monkeypatch.delitem(sys.modules, "torch", raising=False)
+  # The stand-in is set into sys.modules (and taken out again after the test): left there, it
+  # would break every later import that asks whether torch is loaded (scipy, via keras/sklearn).
+  spec = importlib.util.spec_from_file_location("torch", fake / "torch" / "__init__.py")
+  fake_torch = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fake_torch)
+  monkeypatch.setitem(sys.modules, "torch", fake_torch)
   state_dict, config_dict = _load_script().load_checkpoint(path)
   assert all(k.startswith("module.") for k in state_dict)
   name = convert.resolve_model_name(None, config_dict, source=path.name)

@@ -386,7 +386,7 @@ def test_tsne_keeps_separated_clusters_apart():
   centres = rng.normal(size=(3, 16)) * 3
   x = np.concatenate([c + 0.3 * rng.normal(size=(30, 16)) for c in centres])
   labels = np.repeat(np.arange(3), 30)
-  y = vis.tsne(x, iters=250)
+  y = vis.tsne(x, iters=250)  # scikit-learn's (the [viz] extra)
   means = np.stack([y[labels == k].mean(0) for k in range(3)])
   nearest = np.argmin(((y[:, None] - means[None]) ** 2).sum(-1), axis=1)
   assert (nearest == labels).mean() == 1.0
@@ -407,6 +407,23 @@ def test_visualize_embeddings_writes_png_and_statistics(tmp_path):
   assert {"intra_class_distance", "intra_class_cosine"} <= set(result["statistics"])
   json.dumps(result)
   assert list(workdir.glob("events.out.tfevents*"))
+
+
+def test_visualize_embeddings_without_the_viz_extra_is_one_line_exit_2(tmp_path):
+  """scikit-learn hidden (a module that fails to import): one `error:` line naming the extra."""
+  hide = tmp_path / "hide"
+  hide.mkdir()
+  (hide / "sklearn.py").write_text("raise ImportError('hidden', name='sklearn')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(hide), str(REPO)]))
+  res = subprocess.run([sys.executable, str(REPO / "scripts" / "visualize_embeddings.py"),
+                        "--config=configs/demo.py:runlocal", f"--workdir={tmp_path / 'w'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines()[-1] == (
+      "error: scripts/visualize_embeddings.py needs the [viz] extra (scikit-learn, matplotlib), "
+      "sklearn is missing: pip install -e \".[viz]\"")
+  assert "Traceback" not in res.stderr and not (tmp_path / "w").exists()
 
 
 _TWO_PROCESS_WORKER = textwrap.dedent("""

@@ -10,9 +10,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("pixcon_jax", "pixcon_jax.contrast")
-# pixcon_jax.load_segmenter / Segmenter live in pixcon_jax/segment.py (issue 29, item 2), which
-# is written on another branch; until it is merged here their import cannot be checked.
-_SEGMENT = REPO / "pixcon_jax" / "segment.py"
 
 
 def _public(package: str) -> list[str]:
@@ -37,21 +34,11 @@ print("FAILED" if failed else "OK", *failed, sep="\\n")
 def test_every_public_name_imports_with_a_docstring():
   pairs = [(p, n) for p in PACKAGES for n in _public(p)]
   assert ("pixcon_jax", "load_segmenter") in pairs and ("pixcon_jax.contrast", "contrast_loss") in pairs
-  if not _SEGMENT.exists():
-    pairs = [(p, n) for p, n in pairs if n not in ("load_segmenter", "Segmenter")]
   # One fresh process: the lazy names resolve from a clean start, not from earlier imports.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH.format(pairs=pairs)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stdout + proc.stderr[-2000:]
-
-
-@pytest.mark.skipif(_SEGMENT.exists(), reason="segment.py is here: the test above covers it")
-def test_segmenter_names_wait_for_segment_module():
-  """Until pixcon_jax/segment.py is merged, its public names fail with the module's name."""
-  import pixcon_jax  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ModuleNotFoundError, match="pixcon_jax.segment"):
-    pixcon_jax.load_segmenter  # pylint: disable=pointless-statement
 
 
 def test_all_lists_exactly_the_documented_contrast_api():

@@ -66,7 +66,8 @@ class AugmentConfig:
     return out
 
 
-def _mean_std(cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+def mean_std(cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+  """([3], [3]) float32 mean and std on 0-255 that `normalize` applies (by channel position)."""
   if cfg.normalize == "none":
     return np.zeros(3, np.float32), np.ones(3, np.float32)
   return IMAGENET_MEAN, IMAGENET_STD
@@ -80,7 +81,7 @@ def normalize(image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
   BGR with OpenCV and its `Normalize` zips the channels with the RGB lists, so its
   checkpoints were trained on exactly this input.
   """
-  mean, std = _mean_std(cfg)
+  mean, std = mean_std(cfg)
   image = np.asarray(image, np.float32)
   if cfg.bgr:
     image = image[..., ::-1]
@@ -187,7 +188,7 @@ def random_scale_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
 def _normalize_lut(shift: float, cfg: AugmentConfig) -> np.ndarray:
   """[256, 3] float32: uint8 value of channel c -> shifted, clipped, normalised value."""
   v = np.clip(np.arange(256, dtype=np.float32) + np.float32(shift), 0.0, 255.0)
-  mean, std = _mean_std(cfg)
+  mean, std = mean_std(cfg)
   return (v[:, None] - mean) * (1.0 / std)
 
 

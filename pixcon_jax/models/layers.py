@@ -8,6 +8,7 @@ variance is updated with the *unbiased* batch variance, bilinear resize with
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -156,15 +157,42 @@ def _interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
-def _resize_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+def _traced_interpolation_matrix(in_size: Any, out_size: Any) -> jax.Array:
+  """`_interpolation_matrix` in the graph, for symbolic sizes (jax.export shape polymorphism).
+
+  The same float32 operations as `_align_corners_taps` (so the same taps, bit for bit): the
+  division of the two sizes, the iota times the scale, floor, and the two one-hot rows.
+  """
+  num = jnp.asarray(in_size - 1).astype(jnp.float32)
+  den = jnp.asarray(out_size - 1).astype(jnp.float32)
+  scale = jnp.where(den > 0, num / jnp.maximum(den, 1.0), jnp.float32(0.0))
+  src = jnp.arange(out_size, dtype=jnp.float32) * scale
+  last = jnp.asarray(in_size - 1).astype(jnp.int32)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), last)
+  i1 = jnp.minimum(i0 + 1, last)
+  lam = src - i0.astype(jnp.float32)
+  cols = jnp.arange(in_size, dtype=jnp.int32)[None, :]
+  return ((jnp.float32(1.0) - lam)[:, None] * (cols == i0[:, None]) +
+          lam[:, None] * (cols == i1[:, None]))
+
+
+def _is_static(size: Any) -> bool:
+  return isinstance(size, (int, np.integer))
+
+
+def _resize_axis(x: jax.Array, axis: int, out_size: Any) -> jax.Array:
   in_size = x.shape[axis]
   if in_size == out_size:
     return x
   # A matmul with the [out, in] interpolation matrix, not two gathers: the gradient of a gather
   # is a scatter-add (serial on CPU, slow on TPU), and XLA:CPU fuses the whole elementwise
   # chain that produced x into a gather, recomputing it for every output pixel.
-  m = jnp.asarray(_interpolation_matrix(in_size, out_size))
-  n, k = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1:]))
+  if _is_static(in_size) and _is_static(out_size):
+    m = jnp.asarray(_interpolation_matrix(in_size, out_size))
+  else:
+    m = _traced_interpolation_matrix(in_size, out_size)
+  # math.prod, not int(np.prod): the leading (batch) size may be symbolic (jax.export).
+  n, k = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
   y = jnp.einsum("oi,nik->nok", m, x.reshape(n, in_size, k).astype(jnp.float32),
                  precision=lax.Precision.HIGHEST)
   return y.reshape(x.shape[:axis] + (out_size,) + x.shape[axis + 1:]).astype(x.dtype)
@@ -175,11 +203,11 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
 
   Args:
     x: [B, H, W, C].
-    size: (h, w) output spatial size (static).
+    size: (h, w) output spatial size: ints, or symbolic dimensions under `jax.export`.
   Returns:
     [B, h, w, C] in x's dtype; output pixel o samples input coordinate o * (in - 1) / (out - 1).
   """
-  h, w = int(size[0]), int(size[1])
+  h, w = (int(s) if _is_static(s) else s for s in size)
   # Width first, then height: the same association of products as PyTorch's kernel.
   return _resize_axis(_resize_axis(x, 2, w), 1, h)
 

@@ -180,8 +180,10 @@ def make_predictor(apply_fn: inference.ApplyFn, settings: inference.InferenceSet
   return predict
 
 
-def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
+def predict_folder(config: Any, workdir: str, mesh: Any = None) -> dict[str, Any]:
   """Segments every image of `config.predict.input_dir` into `config.predict.output_dir`.
+
+  `mesh` holds the devices the weights are loaded onto (default: every device of the run).
 
   Returns:
     report {"written": [{"input", "label", "color", "size"}], "skipped": [{"input", "reason"}],
@@ -190,7 +192,7 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   input_dir, output_dir = _predict_config(config)
   label_format = _label_format(config)
   names = list_inputs(input_dir)
-  exp = setup.for_inference(config)
+  exp = setup.for_inference(config, mesh)
   id_lut = (classes.train_id_to_id_lut(exp.info.class_table) if label_format == "label_id"
             else None)
   variables, source, _ = checkpointing.load_variables(config, workdir, model=exp.eval_model,

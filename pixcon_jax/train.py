@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 from clu import metric_writers
@@ -208,8 +209,11 @@ def _check_finite(metrics: Mapping[str, jax.Array], step: int, manager) -> None:
         f"from it.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: Mesh | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
+
+  `mesh` is the devices to train on (default: every device of the run, `sharding.make_mesh`).
 
   Returns:
     The final evaluation metrics (`miou`, `iou/<class>`, ...).
@@ -220,11 +224,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = paths.resolve(workdir)  # A local directory or a gs:// URL.
   workdir.mkdir(parents=True, exist_ok=True)
-  exp = setup.for_training(config)
+  exp = setup.for_training(config, mesh)
   c = config
   total_steps = int(c.schedule.total_steps)
-  logging.info("devices: %d (%d per process), processes: %d; batch: %d global, %d per process, "
-               "%d per device", jax.device_count(), jax.local_device_count(), jax.process_count(),
+  logging.info("devices: %d (%d in this process), processes: %d; batch: %d global, %d per "
+               "process, %d per device", exp.mesh.size,
+               sharding.mesh_local_device_count(exp.mesh), sharding.mesh_process_count(exp.mesh),
                c.data.batch_size, exp.batch_per_process, exp.batch_per_device)
 
   train_iter = data_lib.make_train_iterator(

@@ -162,3 +162,32 @@ def test_matmul_precision_reaches_the_steps_lowered_for_tpu():
   config.model.matmul_precision = "fp32"
   with pytest.raises(ValueError, match=r"config\.model\.matmul_precision='fp32'"):
     lower_train_step(config, "tpu", "tpu")
+
+
+def test_experiment_steps_and_evaluator_take_their_devices_from_the_mesh(monkeypatch):
+  """Given a mesh, nothing below `main` asks JAX which devices this host has.
+
+  That is what lets `scripts/aot_compile.py` build the experiment for compile-only TPU or GPU
+  devices on a CPU host: a `jax.devices()` call anywhere would mix in the host's CPU.
+  """
+  mesh = sharding.make_mesh(jax.devices()[:1])
+
+  def asked(*args, **kwargs):
+    raise AssertionError("library code asked JAX for the host's devices")
+
+  for name in ("devices", "local_devices", "device_count", "local_device_count",
+               "process_count", "default_backend"):
+    monkeypatch.setattr(jax, name, asked)
+  config = _config(1)
+  config.data.batch_size = 2
+  exp = setup.for_training(config, mesh)
+  assert exp.mesh is mesh and (exp.batch_per_device, exp.batch_per_process) == (2, 2)
+  state = setup.abstract_state(exp)
+  h, w = config.data.crop_size
+  batch = {"image": _spec(mesh, (2, h, w, 3), jnp.float32),
+           "label": _spec(mesh, (2, h, w), jnp.int32), "image_id": _spec(mesh, (2,), jnp.int32)}
+  text = ts.make_train_step(config, exp.train_model, exp.tx, mesh).trace(state, batch).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert "stablehlo.convolution" in text
+  evaluator = evaluate.make_evaluator(config, exp.eval_model, mesh, class_names=["c"] * 19)
+  assert evaluator.mesh is mesh

@@ -4,9 +4,9 @@
 compile the steps exactly as training and evaluation run them, and return per-device memory
 (XLA's `memory_analysis`: arguments, outputs, temporaries, aliased (donated) bytes, generated
 code; peak = arguments + outputs + temporaries - aliased), FLOPs per device and `hlo_checks` of
-the compiled program. FLOPs come from the lowered step with the contrast's class loop unrolled
-(`contrast.unroll`, as `scripts/bench_train.py` counts: XLA counts a loop body once); the step
-is `shard_map`-ped, so its lowered program is one device's.
+the compiled program. FLOPs are XLA's count of one device's program (`device_flops`) with the
+contrast's class loop unrolled (`contrast.unroll`, as `scripts/bench_train.py` counts: XLA
+counts a loop body once).
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
 
 # Custom calls a compiled step may contain, per platform; anything else is reported.
-# TPU: libtpu's own kernels for ops XLA:TPU lowers that way (no host involvement).
-# CUDA: cuDNN convolutions, cuBLAS / cuBLASLt GEMMs, and XLA's own GPU kernels.
+# CUDA: cuDNN convolutions, cuBLAS / cuBLASLt GEMMs, and XLA's own GPU kernels (Triton, PRNG).
+# TPU: the compiler's own markers and kernels found in the compiled steps (buffers, in-bounds
+# gather/scatter indices, async collectives, layout-free concat / crop), nothing that leaves the chip.
 ALLOWED_CUSTOM_CALLS = {
-    "tpu": re.compile(r"^(AllocateBuffer|Sharding|SPMDFullToShardShape|SPMDShardToFullShape|"
-                      r"tpu_custom_call|MoveToHost_disallowed_x|LayoutConstraint|"
-                      r"InspectSharding|annotate_device_placement_disallowed_x)$"),
+    "tpu": re.compile(r"^(AllocateBuffer|AssumeGatherIndicesInBound|GatherScatterIndicesBitpacked|"
+                      r"AsyncCollectiveStart|AsyncCollectiveDone|ConcatBitcast|ZeroCrop|"
+                      r"Sharding|SPMDFullToShardShape|SPMDShardToFullShape|tpu_custom_call)$"),
     "cuda": re.compile(r"^(__cudnn\$conv\w*|__cublas\$\w+|__cublas\$lt\$\w+|"
                        r"__triton\w*|__gpu\$xla\.gpu\.triton|cu_threefry2x32\w*)$"),
 }
@@ -99,6 +100,7 @@ def memory(compiled: Any, hbm_bytes: int) -> dict[str, Any]:
 
 
 def _flops(lowered: Any) -> float | None:
+  """XLA's FLOP count of a program lowered for the CPU (compile-only clients give none)."""
   cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
@@ -117,6 +119,28 @@ def _batch_specs(mesh: Mesh, batch: int, hw: tuple[int, int]) -> dict[str, jax.S
 def num_kernels(params: Any) -> int:
   """4-D (conv) kernels among a params tree."""
   return sum(1 for p in jax.tree.leaves(params) if len(p.shape) == 4)
+
+
+def device_flops(config: ml_collections.ConfigDict,
+                 exp: setup.TrainingExperiment) -> tuple[float | None, float | None]:
+  """FLOPs of one device's step: (class loop counted once, class loop unrolled).
+
+  The step is `shard_map`-ped, so one device's program is the step on a one-device mesh with
+  that device's images; it is lowered for a host CPU device (whose client has XLA's cost
+  analysis) with the target's model (`exp.train_model`: native convolutions), not compiled.
+  """
+  cpu = sharding.make_mesh(jax.devices("cpu")[:1])
+  state = train_step_lib.abstract_train_state(
+      config, exp.train_model, exp.tx, cpu, image_shape=tuple(config.data.crop_size) + (3,),
+      num_classes=config.model.num_classes, num_train_images=exp.num_train_images)
+  batch = _batch_specs(cpu, exp.batch_per_device, tuple(config.data.crop_size))
+  counts = []
+  for unroll in (False, True):
+    c = copy.deepcopy(config)
+    c.contrast.unroll = unroll
+    step = train_step_lib.make_train_step(c, exp.train_model, exp.tx, cpu)
+    counts.append(_flops(step.trace(state, batch).lower()))
+  return counts[0], counts[1]
 
 
 def train_step_report(config: ml_collections.ConfigDict, mesh: Mesh, *, platform: str,
@@ -142,16 +166,13 @@ def train_step_report(config: ml_collections.ConfigDict, mesh: Mesh, *, platform
   lowered = train_step_lib.make_train_step(config, exp.train_model, exp.tx, mesh).trace(
       state, batch).lower()
   lower_s = time.perf_counter() - t0
-  unrolled_config = copy.deepcopy(config)
-  unrolled_config.contrast.unroll = True
-  unrolled = train_step_lib.make_train_step(unrolled_config, exp.train_model, exp.tx,
-                                            mesh).trace(state, batch).lower()
   state_bytes = sum(s.size * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(state))
+  once, unrolled = device_flops(config, exp)
   out: dict[str, Any] = {
       "batch_per_device": exp.batch_per_device, "crop": list(crop),
       "compute_dtype": str(config.model.dtype),
       "state_bytes_per_device": int(state_bytes),
-      "flops_per_device": _flops(unrolled), "flops_per_device_loop_body_once": _flops(lowered),
+      "flops_per_device": unrolled, "flops_per_device_loop_body_once": once,
       "lower_s": round(lower_s, 2)}
   if not compile:
     return out
@@ -195,10 +216,15 @@ def eval_step_report(config: ml_collections.ConfigDict, mesh: Mesh, *, platform:
   image, scores = spec((b, h, w, 3), jnp.float32), spec((b, h, w, c), jnp.float32)
   t0 = time.perf_counter()
   programs, flops = [], 0.0
-  for step in evaluator._scale_steps.values():  # pylint: disable=protected-access
-    lowered = step.trace(variables, image, scores).lower()
-    flops += _flops(lowered) or 0.0
-    programs.append(lowered.compile())
+  cpu = sharding.make_mesh(jax.devices("cpu")[:1])  # One device's program, for its FLOPs.
+  cpu_evaluator = evaluate_lib.make_evaluator(config, exp.eval_model, cpu,
+                                              class_names=[str(i) for i in range(c)])
+  one = lambda x: jax.ShapeDtypeStruct((b // n,) + x.shape[1:], x.dtype)
+  for scale, step in evaluator._scale_steps.items():  # pylint: disable=protected-access
+    programs.append(step.trace(variables, image, scores).lower().compile())
+    cpu_step = cpu_evaluator._scale_steps[scale]  # pylint: disable=protected-access
+    flops += _flops(cpu_step.trace(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                                variables), one(image), one(scores)).lower()) or 0.0
   programs.append(evaluator._finish.trace(  # pylint: disable=protected-access
       scores, spec((b, h, w), jnp.int32), spec((b,), jnp.bool_)).lower().compile())
   out: dict[str, Any] = {"batch_per_device": b // n, "image": [h, w],

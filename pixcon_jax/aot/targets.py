@@ -104,7 +104,8 @@ def devices(target: Target) -> list[Any]:
     topo = topologies.get_topology_desc(topology_name=f"{target.chip}:{target.shape}",
                                         platform="tpu")
   else:
-    # The plugin refuses to load without a CUDA driver unless told that this host only compiles.
+    # The plugin refuses to load without a CUDA driver unless told that this host only compiles;
+    # it reads this when JAX starts its first backend (scripts/aot_compile.py sets it earlier).
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     hosts = max(1, target.num_chips // GPUS_PER_HOST)
     topo = topologies.get_topology_desc(

@@ -138,7 +138,7 @@ def device_flops(config: ml_collections.ConfigDict,
   for unroll in (False, True):
     c = copy.deepcopy(config)
     c.contrast.unroll = unroll
-    step = train_step_lib.make_train_step(c, exp.train_model, exp.tx, cpu)
+    step = train_step_lib.make_train_step(c, exp.train_model, exp.tx, cpu, donate=False)
     counts.append(_flops(step.trace(state, batch).lower()))
   return counts[0], counts[1]
 

@@ -26,7 +26,7 @@ from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
 
 # Custom calls a compiled step may contain, per platform; anything else is reported.
-# CUDA: cuDNN convolutions, cuBLAS / cuBLASLt GEMMs, and XLA's own GPU kernels (Triton, PRNG).
+# CUDA: cuDNN convolutions, cuBLAS / cuBLASLt GEMMs, and XLA's own GPU kernels (Triton, top-k, PRNG).
 # TPU: the compiler's own markers and kernels found in the compiled steps (buffers, in-bounds
 # gather/scatter indices, async collectives, layout-free concat / crop, the mining's top-k),
 # nothing that leaves the chip.
@@ -35,7 +35,7 @@ ALLOWED_CUSTOM_CALLS = {
                       r"AsyncCollectiveStart|AsyncCollectiveDone|ConcatBitcast|ZeroCrop|TopK|"
                       r"Sharding|SPMDFullToShardShape|SPMDShardToFullShape|tpu_custom_call)$"),
     "cuda": re.compile(r"^(__cudnn\$conv\w*|__cublas\$\w+|__cublas\$lt\$\w+|"
-                       r"__triton\w*|__gpu\$xla\.gpu\.triton|cu_threefry2x32\w*)$"),
+                       r"__triton\w*|__gpu\$xla\.gpu\.triton|__gpu\$TopK|cu_threefry2x32\w*)$"),
 }
 # Options of the compile per platform. CUDA: with no GPU to autotune on, XLA's Triton GEMM
 # emitter fails on some small dots of the demo model ("Couldn't find output tile sizes" for the

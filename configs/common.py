@@ -249,6 +249,8 @@ def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Co
   if "official_mem" in words:
     apply_official_mem(c)
   if "bf16" in words:
+    # The TPU / GPU setting (pixcon_jax/precision.py): bf16 compute, float32 parameters, optimizer,
+    # BN statistics, outputs and losses; matmul precision 'default' (model.matmul_precision None).
     c.model.dtype = "bfloat16"
   if "runlocal" in words:
     apply_runlocal(c)

@@ -110,7 +110,7 @@ class Evaluator:
 
   def batch_confusion(self, variables: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     """Confusion matrix [C, C] int32 and valid-image count of one batch, psum-med, on device."""
-    local = _pad_batch(batch, jax.local_device_count())
+    local = _pad_batch(batch, sharding_lib.mesh_local_device_count(self.mesh))
     arrays = sharding_lib.host_local_to_global(
         {"image": local["image"].astype(np.float32), "label": local["label"].astype(np.int32),
          "valid": local["valid"].astype(bool)}, self.mesh)
@@ -164,7 +164,7 @@ def make_evaluator(config: Any, model: Any, mesh: Mesh | None = None, *,
   Args:
     config: the experiment ConfigDict (`config.eval`, `config.model.num_classes`).
     model: a segmentation model (linen module); only its `logits` are used.
-    mesh: the data mesh (default: all devices).
+    mesh: the data mesh (default: every device of the run, `sharding.make_mesh()`).
     class_names: names for per-class IoU (default: from `config.data.dataset` if known).
   Returns:
     an `Evaluator`; metrics keys `miou`, `pixel_accuracy`, `mean_accuracy`, `fw_iou`,
@@ -196,8 +196,10 @@ def _settings_dict(settings: inference.InferenceSettings) -> dict[str, Any]:
           for k, v in dataclasses.asdict(settings).items()}
 
 
-def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, Any]:
+def evaluate_checkpoint(config: Any, workdir: str, mesh: Mesh | None = None) -> dict[str, Any]:
   """Mode `eval`: evaluates the latest checkpoint (or `config.init_from`) on a split.
+
+  `mesh` is the devices to evaluate on (default: every device of the run).
 
   The split is `config.eval.split` if set, else `config.data.eval_split` / the dataset's
   validation split; the protocol is `config.eval` (see `inference.settings_from_config`). Metrics
@@ -207,7 +209,7 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, Any]:
   Returns:
     the metrics dict (`miou`, `pixel_accuracy`, `iou/<class>`, ...).
   """
-  exp = setup.for_inference(config)
+  exp = setup.for_inference(config, mesh)
   variables, source, step = checkpointing.load_variables(config, workdir, model=exp.eval_model,
                                                          mesh=exp.mesh)
   split = (config.eval.get("split") or config.data.get("eval_split") or exp.info.val_split)

@@ -165,8 +165,10 @@ def save_prediction(label: np.ndarray, palette: np.ndarray, output_dir: str, ste
   return os.fspath(label_path), os.fspath(color_path)
 
 
-def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
+def predict_folder(config: Any, workdir: str, mesh: Any = None) -> dict[str, Any]:
   """Segments every image of `config.predict.input_dir` into `config.predict.output_dir`.
+
+  `mesh` holds the devices the weights are loaded onto (default: every device of the run).
 
   Returns:
     report {"written": [{"input", "label", "color", "size"}], "skipped": [{"input", "reason"}],
@@ -176,7 +178,7 @@ def predict_folder(config: Any, workdir: str) -> dict[str, Any]:
   label_format = _label_format(config)
   names = list_inputs(input_dir)
   # The Python API's segmenter (segment.py): the same weights, normalisation and protocol.
-  seg = segment.from_config(config, workdir)
+  seg = segment.from_config(config, workdir, mesh=mesh)
   id_lut = (classes.train_id_to_id_lut(seg.info.class_table) if label_format == "label_id"
             else None)
   source, settings, palette = seg.source, seg.settings, seg.palette

@@ -202,13 +202,15 @@ def make_predictor(apply_fn: inference.ApplyFn, settings: inference.InferenceSet
 # ------------------------------------------------------------------------------------------
 # Building a Segmenter.
 
-def from_config(config: ml_collections.ConfigDict, workdir: str) -> Segmenter:
+def from_config(config: ml_collections.ConfigDict, workdir: str, *,
+                mesh: Any = None) -> Segmenter:
   """The segmenter of `config` with the inference weights of `workdir` (else `config.init_from`).
 
   The weights are read as by modes eval / predict (`checkpointing.load_variables`), the
-  protocol is `config.eval`'s, the normalisation `config.augment`'s.
+  protocol is `config.eval`'s, the normalisation `config.augment`'s; `mesh` holds the devices
+  the weights are loaded onto (default: every device of the run).
   """
-  exp = setup.for_inference(config)
+  exp = setup.for_inference(config, mesh)
   variables, source, _ = checkpointing.load_variables(config, workdir, model=exp.eval_model,
                                                      mesh=exp.mesh)
   # One device per process; the replicated copy already sits there.

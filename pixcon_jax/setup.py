@@ -1,11 +1,15 @@
 """What a run builds from its config before it reads any data or weights.
 
 Two layers, so that eval and predict never build what only training uses:
-- `for_inference(config) -> Experiment`: the mesh, the dataset's `DatasetInfo` and the
-  evaluation model (running BN statistics), checked against the dataset and the devices.
-- `for_training(config) -> TrainingExperiment`: the same plus the train model (cross-replica
-  BN over 'data'), the optimizer, the batch sizes per process / device and N, the number of
-  training images; `initial_state` and `abstract_state` then give the train state.
+- `for_inference(config, mesh=None) -> Experiment`: the mesh, the dataset's `DatasetInfo` and
+  the evaluation model (running BN statistics), checked against the dataset and the devices.
+- `for_training(config, mesh=None) -> TrainingExperiment`: the same plus the train model
+  (cross-replica BN over 'data'), the optimizer, the batch sizes per process / device and N,
+  the number of training images; `initial_state` and `abstract_state` then give the train state.
+
+The mesh defaults to this run's devices (`sharding.make_mesh()`); any other mesh -- e.g. of
+compile-only TPU or GPU devices from `jax.experimental.topologies` -- gives the experiment for
+that target: models, batch split and state are derived from the mesh alone.
 """
 from __future__ import annotations
 
@@ -88,9 +92,12 @@ def build_model(config: ml_collections.ConfigDict, *, train: bool,
       platform=platform, **overrides)
 
 
-def for_inference(config: ml_collections.ConfigDict) -> Experiment:
-  """Checks the config against the dataset and the devices; builds mesh and eval model.
+def for_inference(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experiment:
+  """Checks the config against the dataset and the mesh's devices; builds the eval model.
 
+  Args:
+    config: the experiment config.
+    mesh: the devices to run (or compile) for, axis 'data'; default `sharding.make_mesh()`.
   Raises:
     ValueError naming the config key when `model.num_classes` is not the dataset's, or when
     `data.eval_batch_size` does not split evenly over the processes.
@@ -99,23 +106,27 @@ def for_inference(config: ml_collections.ConfigDict) -> Experiment:
   if config.model.num_classes != info.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.data.dataset!r} has {info.num_classes} classes")
-  if config.data.eval_batch_size % jax.process_count():
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  processes = sharding.mesh_process_count(mesh)
+  if config.data.eval_batch_size % processes:
     raise ValueError(f"config.data.eval_batch_size={config.data.eval_batch_size} must be a "
-                     f"multiple of the process count {jax.process_count()}")
-  mesh = sharding.make_mesh()
+                     f"multiple of the process count {processes}")
   return Experiment(config=config, mesh=mesh, info=info,
                     eval_model=build_model(config, train=False,
                                            platform=sharding.mesh_platform(mesh)))
 
 
-def for_training(config: ml_collections.ConfigDict) -> TrainingExperiment:
-  """`for_inference` plus the train model, the optimizer and the batch sizes.
+def for_training(config: ml_collections.ConfigDict,
+                 mesh: Mesh | None = None) -> TrainingExperiment:
+  """`for_inference(config, mesh)` plus the train model, the optimizer and the batch sizes.
 
   Raises:
-    ValueError naming `config.data.batch_size` when it does not split evenly over the devices.
+    ValueError naming `config.data.batch_size` when it does not split evenly over the mesh.
   """
-  exp = for_inference(config)
-  per_process, per_device = sharding.batch_sizes(config.data.batch_size)
+  exp = for_inference(config, mesh)
+  per_process, per_device = sharding.batch_sizes(
+      config.data.batch_size, num_processes=sharding.mesh_process_count(exp.mesh),
+      num_devices=exp.mesh.size)
   return TrainingExperiment(
       **{f.name: getattr(exp, f.name) for f in dataclasses.fields(Experiment)},
       train_model=build_model(config, train=True, platform=sharding.mesh_platform(exp.mesh)),

@@ -16,7 +16,12 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: Any = None) -> Mesh:
-  """A 1-D mesh over all (or the given) devices with axis 'data'.
+  """A 1-D mesh over the given devices (default: every device of the run) with axis 'data'.
+
+  `devices` may be those of another machine: `jax.experimental.topologies.get_topology_desc`
+  gives compile-only TPU or GPU devices on a CPU host (`scripts/aot_compile.py`), and
+  everything built from the mesh (models, state, steps, evaluator) then targets them. This
+  default is the one place below `main` that asks JAX for the local devices.
 
   The axis is `Auto` rather than `jax.make_mesh`'s default `Explicit`: every
   collective is written by hand inside `shard_map`, and Auto keeps the plain
@@ -32,6 +37,16 @@ def mesh_platform(mesh: Mesh) -> str:
   return mesh.devices.flat[0].platform
 
 
+def mesh_process_count(mesh: Mesh) -> int:
+  """How many processes (hosts) the mesh's devices belong to."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
+def mesh_local_device_count(mesh: Mesh) -> int:
+  """How many of the mesh's devices this process drives (the rows a host-local batch needs)."""
+  return len(mesh.local_devices)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding of the train state: a full copy on every device."""
   return NamedSharding(mesh, P())
@@ -42,21 +57,19 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def batch_sizes(global_batch_size: int, *, num_processes: int | None = None,
-                num_devices: int | None = None) -> tuple[int, int]:
+def batch_sizes(global_batch_size: int, *, num_processes: int,
+                num_devices: int) -> tuple[int, int]:
   """Derives the per-process and per-device batch sizes from the global one.
 
   Args:
     global_batch_size: `config.data.batch_size` (images per step over all devices).
-    num_processes: defaults to `jax.process_count()`.
-    num_devices: defaults to `jax.device_count()`.
+    num_processes: the mesh's processes (`mesh_process_count`).
+    num_devices: the mesh's devices (`mesh.size`).
   Returns:
     (per_process, per_device).
   Raises:
     ValueError naming `config.data.batch_size` when it does not divide evenly.
   """
-  num_processes = jax.process_count() if num_processes is None else num_processes
-  num_devices = jax.device_count() if num_devices is None else num_devices
   if global_batch_size <= 0 or global_batch_size % num_devices:
     raise ValueError(
         f"config.data.batch_size={global_batch_size} must be a positive multiple of the number "

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 from clu import metric_writers
@@ -226,11 +227,14 @@ def _check_finite(metrics: Mapping[str, jax.Array], step: int, manager) -> None:
         f"from it.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: Mesh | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   SIGTERM / SIGINT are caught from the start (setup and compiling included) and acted on at
   the next stop check of the loop (`checkpoint.preemption_check_every_steps`).
+
+  `mesh` is the devices to train on (default: every device of the run, `sharding.make_mesh`).
 
   Returns:
     The final evaluation metrics (`miou`, `iou/<class>`, ...).
@@ -243,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stop = checkpointing.StopRequest(
       every_steps=config.checkpoint.preemption_check_every_steps).install()
   try:
-    return _train_and_evaluate(config, workdir, stop)
+    return _train_and_evaluate(config, workdir, stop, mesh)
   finally:
     stop.uninstall()
 
@@ -261,15 +265,16 @@ def _next_or_stop(iterator: Any, stop: checkpointing.StopRequest, manager: Any,
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        stop: checkpointing.StopRequest) -> dict[str, Any]:
+                        stop: checkpointing.StopRequest, mesh: Mesh | None) -> dict[str, Any]:
   """`train_and_evaluate` with its stop request installed."""
   workdir = paths.resolve(workdir)  # A local directory or a gs:// URL.
   workdir.mkdir(parents=True, exist_ok=True)
-  exp = setup.for_training(config)
+  exp = setup.for_training(config, mesh)
   c = config
   total_steps = int(c.schedule.total_steps)
-  logging.info("devices: %d (%d per process), processes: %d; batch: %d global, %d per process, "
-               "%d per device", jax.device_count(), jax.local_device_count(), jax.process_count(),
+  logging.info("devices: %d (%d in this process), processes: %d; batch: %d global, %d per "
+               "process, %d per device", exp.mesh.size,
+               sharding.mesh_local_device_count(exp.mesh), sharding.mesh_process_count(exp.mesh),
                c.data.batch_size, exp.batch_per_process, exp.batch_per_device)
 
   train_iter = data_lib.make_train_iterator(

@@ -162,3 +162,55 @@ def test_matmul_precision_reaches_the_steps_lowered_for_tpu():
   config.model.matmul_precision = "fp32"
   with pytest.raises(ValueError, match=r"config\.model\.matmul_precision='fp32'"):
     lower_train_step(config, "tpu", "tpu")
+
+
+def test_experiment_steps_and_evaluator_take_their_devices_from_the_mesh(monkeypatch):
+  """Given a mesh, nothing below `main` asks JAX which devices this host has.
+
+  That is what lets `scripts/aot_compile.py` build the experiment for compile-only TPU or GPU
+  devices on a CPU host: a `jax.devices()` call anywhere would mix in the host's CPU.
+  """
+  mesh = sharding.make_mesh(jax.devices()[:1])
+
+  def asked(*args, **kwargs):
+    raise AssertionError("library code asked JAX for the host's devices")
+
+  for name in ("devices", "local_devices", "device_count", "local_device_count",
+               "process_count", "default_backend"):
+    monkeypatch.setattr(jax, name, asked)
+  config = _config(1)
+  config.data.batch_size = 2
+  exp = setup.for_training(config, mesh)
+  assert exp.mesh is mesh and (exp.batch_per_device, exp.batch_per_process) == (2, 2)
+  state = setup.abstract_state(exp)
+  h, w = config.data.crop_size
+  batch = {"image": _spec(mesh, (2, h, w, 3), jnp.float32),
+           "label": _spec(mesh, (2, h, w), jnp.int32), "image_id": _spec(mesh, (2,), jnp.int32)}
+  text = ts.make_train_step(config, exp.train_model, exp.tx, mesh).trace(state, batch).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert "stablehlo.convolution" in text
+  evaluator = evaluate.make_evaluator(config, exp.eval_model, mesh, class_names=["c"] * 19)
+  assert evaluator.mesh is mesh
+
+
+def test_bf16_setting_for_tpu_and_gpu_keeps_state_and_losses_float32():
+  """`:bf16` (precision.py's TPU/GPU choice): bf16 convs at 'default', float32 everything kept."""
+  config = _config(1)
+  config.model.dtype = "bfloat16"  # What the experiment files' `bf16` word sets.
+  assert precision.matmul_precision(config) == "default"
+  text, kernels = lower_train_step(config, "tpu", "tpu")
+  convs = re.findall(r"stablehlo\.convolution\b[^\n]*", text)
+  assert len(convs) >= 2 * kernels
+  assert all(re.search(r"->\s*tensor<[^>]*xbf16>", c) for c in convs), [
+      c for c in convs if not re.search(r"->\s*tensor<[^>]*xbf16>", c)][:2]
+  assert set(_precisions(text, "convolution")) == {"DEFAULT DEFAULT"}
+  # The step's returns: the new state and the metrics, float32 (bf16 only inside the step).
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = setup.build_model(config, train=True, platform="tpu")
+  state = ts.abstract_train_state(config, model, ts.make_optimizer(config), mesh,
+                                  image_shape=(32, 32, 3), num_classes=19, num_train_images=16)
+  floats = {str(x.dtype) for x in jax.tree.leaves((state.params, state.opt_state,
+                                                    state.batch_stats)) if x.dtype.kind == "f"}
+  assert floats == {"float32"}, floats
+  main = re.search(r"func\.func public @main\([^\n]*", text).group(0)
+  assert "bf16" not in main.split("->")[-1], main.split("->")[-1][:300]

@@ -130,8 +130,34 @@ def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
   assert "xla_cuda12" in found and "libtpu" in found, found
 
 
-@pytest.mark.parametrize("plugins", [["xla_cuda12"], ["xla_cuda13"], ["libtpu"]])
-def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, monkeypatch):
+def test_installed_plugins_count_only_with_their_hardware():
+  from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
+  usable = xla_cpu.usable_accelerator_plugins
+  installed = ["libtpu", "xla_cuda12", "xla_rocm"]
+  assert usable(installed, []) == []  # The [aot] extra on a CPU host: JAX runs on the CPU.
+  assert usable(installed, ["/dev/nvidia0", "/dev/nvidiactl"]) == ["xla_cuda12"]
+  assert usable(installed, ["/dev/vfio/0"]) == ["libtpu"]
+  assert usable(installed, ["/dev/accel3", "/dev/kfd"]) == ["libtpu", "xla_rocm"]
+  assert usable(["some_vendor"], []) == ["some_vendor"]  # Unknown kind: never tuned against.
+  assert xla_cpu.tuned_flags({}, usable(installed, [])) is not None
+  assert xla_cpu.tuned_flags({}, usable(installed, ["/dev/accel0"])) is None
+
+
+def test_device_files_are_found(tmp_path):
+  from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
+  for name in ("nvidia0", "nvidiactl", "accel1", "null", "vfio/7", "vfio/vfio"):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("")
+  assert xla_cpu.accelerator_device_files(str(tmp_path)) == [
+      str(tmp_path / n) for n in ("accel1", "nvidia0", "vfio/7")]
+
+
+@pytest.mark.parametrize("plugins,device", [(["xla_cuda12"], "/dev/nvidia0"),
+                                            (["xla_cuda13"], "/dev/nvidia3"),
+                                            (["libtpu"], "/dev/accel0"),
+                                            (["libtpu"], "/dev/vfio/1")])
+def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, device,
+                                                                     monkeypatch):
   from pixcon_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
   from pixcon_jax.cpu import xla_flags as xla_cpu  # pylint: disable=g-import-not-at-top
   # A host where the restart would happen on the CPU: glibc 2.36 with madvise huge pages.
@@ -140,8 +166,9 @@ def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, mo
   restarts = []
   monkeypatch.setattr(host_memory.os, "execve", lambda *a: restarts.append(a))
 
-  def run(environ, installed):
+  def run(environ, installed, devices=(device,)):
     monkeypatch.setattr(xla_cpu, "installed_accelerator_plugins", lambda: installed)
+    monkeypatch.setattr(xla_cpu, "accelerator_device_files", lambda: list(devices))
     monkeypatch.setattr(host_memory.os, "environ", environ)
     restarts.clear()
     changed = xla_cpu.use_tuned_flags(environ)
@@ -156,6 +183,9 @@ def test_gpu_and_tpu_hosts_are_neither_restarted_nor_given_cpu_flags(plugins, mo
   # The same host forced onto the CPU, and a host without plugins, are tuned.
   assert run({"JAX_PLATFORMS": "cpu"}, plugins) == (True, True)
   assert run({}, []) == (True, True)
+  # The plugin installed without its hardware (the [aot] extra on a CPU host): JAX runs on the
+  # CPU, so the run is tuned.
+  assert run({}, plugins, devices=()) == (True, True)
 
 
 SLURM_4 = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-4]", "SLURM_NTASKS": "4",

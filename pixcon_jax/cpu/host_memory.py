@@ -51,7 +51,7 @@ def hugepage_environment(environ: Mapping[str, str], *, glibc: tuple[int, ...] |
     environ: the current environment.
     glibc: (major, minor) of the C library, None if it is not glibc.
     thp_setting: contents of /sys/kernel/mm/transparent_hugepage/enabled ("" if absent).
-    accelerator_plugins: `xla_flags.installed_accelerator_plugins()`.
+    accelerator_plugins: the usable ones (`xla_flags.usable_accelerator_plugins`).
   Returns:
     `environ` plus `GLIBC_TUNABLES=...:glibc.malloc.hugetlb=1`, or None when that would not
     help or was decided already: not glibc >= 2.35, huge pages disabled ("[never]"), a run
@@ -84,7 +84,9 @@ def reexec_with_hugepages(command: Sequence[str]) -> None:
   if not sys.platform.startswith("linux"):
     return
   env = hugepage_environment(os.environ, glibc=_glibc_version(), thp_setting=_thp_setting(),
-                             accelerator_plugins=xla_flags.installed_accelerator_plugins())
+                             accelerator_plugins=xla_flags.usable_accelerator_plugins(
+                                 xla_flags.installed_accelerator_plugins(),
+                                 xla_flags.accelerator_device_files()))
   if env is None:
     return
   sys.stdout.flush()

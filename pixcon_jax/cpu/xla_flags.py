@@ -22,14 +22,22 @@ that; `tuned_flags` is the pure decision. Both these flags and the huge-page res
 (`cpu.host_memory`) engage only when the run computes on the CPU (`runs_on_cpu`): a GPU or TPU
 host keeps its XLA_FLAGS and its process, since an XLA build that does not know the flag
 aborts, and host malloc is not where an accelerator step keeps its memory.
+
+Which backend JAX will pick is decided before JAX starts, so it is inferred the way JAX would
+find it: an installed GPU/TPU plugin counts only when its hardware is on this host
+(`usable_accelerator_plugins`). With the compile-only extra (`pip install ".[aot]"`: libtpu and
+the CUDA plugin) on a CPU host, JAX fails to start those backends and runs on the CPU, and so
+the run keeps the CPU tuning.
 """
 from __future__ import annotations
 
+import fnmatch
+import glob
 import importlib.metadata
 import importlib.util
 import os
 import pkgutil
-from typing import Mapping, MutableMapping, Sequence
+from typing import Iterable, Mapping, MutableMapping, Sequence
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_DOTS = f"{YNN_FUSION_FLAG}=-individual_dot"
@@ -54,15 +62,52 @@ def installed_accelerator_plugins() -> list[str]:
   return sorted(set(names))
 
 
+# Device files of each accelerator kind: what its driver creates when the hardware is there.
+# NVIDIA: /dev/nvidia0.. (nvidia driver); AMD: /dev/kfd (ROCm); TPU: /dev/accel0.. (v2-v4) or
+# VFIO groups /dev/vfio/<n> (v5e, v5p, v6e).
+DEVICE_FILES = {"cuda": ("nvidia[0-9]*",), "rocm": ("kfd",), "tpu": ("accel[0-9]*", "vfio/[0-9]*")}
+
+
+def accelerator_device_files(dev: str = "/dev") -> list[str]:
+  """The GPU/TPU device files present under `dev` (`DEVICE_FILES`)."""
+  return sorted(f for patterns in DEVICE_FILES.values() for p in patterns
+                for f in glob.glob(os.path.join(dev, p)))
+
+
+def _plugin_kind(name: str) -> str | None:
+  for kind in DEVICE_FILES:
+    if kind in name.lower():
+      return kind
+  return None
+
+
+def usable_accelerator_plugins(installed: Sequence[str],
+                               device_files: Iterable[str]) -> list[str]:
+  """The installed plugins whose hardware is present, i.e. the backends JAX would start.
+
+  Args:
+    installed: `installed_accelerator_plugins()`, e.g. ["libtpu", "xla_cuda12"].
+    device_files: `accelerator_device_files()`, e.g. ["/dev/nvidia0"].
+  Returns:
+    the names of `installed` whose kind ("cuda", "rocm", "tpu") has a device file; a plugin of
+    an unknown kind counts as usable (it is not tuned for, rather than tuned against).
+  """
+  files = list(device_files)
+  present = {kind for kind, patterns in DEVICE_FILES.items()
+             if any(fnmatch.fnmatch(f, "*/" + p) for f in files for p in patterns)}
+  return [p for p in installed if _plugin_kind(p) in present or _plugin_kind(p) is None]
+
+
 def runs_on_cpu(environ: Mapping[str, str], accelerator_plugins: Sequence[str]) -> bool:
   """Whether JAX's default backend will be the CPU.
 
   Args:
     environ: the current environment (JAX_PLATFORMS).
-    accelerator_plugins: `installed_accelerator_plugins()`.
+    accelerator_plugins: the usable ones, `usable_accelerator_plugins(...)`.
   Returns:
-    True when JAX_PLATFORMS starts with "cpu", or is unset and no GPU/TPU plugin is installed
-    (with one, JAX prefers that backend; a GPU host without a usable GPU is not tuned either).
+    True when JAX_PLATFORMS starts with "cpu", or is unset and no usable GPU/TPU plugin is
+    there (with one, JAX prefers that backend; an installed plugin without its hardware makes
+    JAX fall back to the CPU).
   """
   platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
   if platforms:
@@ -76,7 +121,7 @@ def tuned_flags(environ: Mapping[str, str],
 
   Args:
     environ: the current environment.
-    accelerator_plugins: `installed_accelerator_plugins()`.
+    accelerator_plugins: the usable ones (`usable_accelerator_plugins`).
   Returns:
     XLA_FLAGS plus each `TUNED` flag whose name XLA_FLAGS does not set already (the user's
     choice, or an earlier call); None when there is none to add or the run is not on the CPU
@@ -96,7 +141,8 @@ def use_tuned_flags(environ: MutableMapping[str, str] = os.environ) -> bool:
 
   Call it before the first JAX computation: XLA reads XLA_FLAGS when its backend starts.
   """
-  value = tuned_flags(environ, installed_accelerator_plugins())
+  value = tuned_flags(environ, usable_accelerator_plugins(installed_accelerator_plugins(),
+                                                          accelerator_device_files()))
   if value is None:
     return False
   environ["XLA_FLAGS"] = value

@@ -33,6 +33,7 @@ from pixcon_jax import setup
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
 from pixcon_jax import validation
+from pixcon_jax.contrast import health as contrast_health
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -197,6 +198,16 @@ def evaluate(exp: setup.Experiment, evaluator: evaluate_lib.Evaluator, predictor
 # ------------------------------------------------------------------------------------------
 # The loop.
 
+def make_collapse_alarm(config: ml_collections.ConfigDict) -> contrast_health.CollapseAlarm | None:
+  """The collapse alarm of a contrast run that logs the embedding's health, else None."""
+  if not (config.contrast.get("enabled", False) and config.log.get("embedding_health", True)):
+    return None
+  return contrast_health.CollapseAlarm(
+      threshold=float(config.log.get("collapse_gap", 0.05)),
+      patience=int(config.log.get("collapse_patience", 4)),
+      start_step=int(config.contrast.get("warmup_steps", 0)))
+
+
 def _check_finite(metrics: Mapping[str, jax.Array], step: int, manager) -> None:
   loss = float(jax.device_get(metrics["loss"]))
   if not np.isfinite(loss):
@@ -265,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       every_steps=c.checkpoint.preemption_check_every_steps).install()
 
   eval_metrics: dict[str, Any] = {}
+  alarm = make_collapse_alarm(c)
   prev: tuple[int, Any] | None = None
   acc, acc_n = None, 0
   step = start_step
@@ -289,7 +301,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % c.log.every_steps == 0 or is_last:
         _check_finite(metrics, step, manager)
         means = jax.device_get(acc)
-        writer.write_scalars(step, {f"train/{k}": float(v) / acc_n for k, v in means.items()})
+        scalars = {f"train/{k}": float(v) / acc_n for k, v in means.items()}
+        if alarm is not None:
+          warning = alarm.update(step, scalars)
+          if warning:
+            logging.warning(warning)
+          scalars["train/embedding/collapse_alarm"] = alarm.flag
+        writer.write_scalars(step, scalars)
         acc, acc_n = None, 0
 
       is_eval = step % c.eval.every_steps == 0 or is_last

@@ -226,7 +226,14 @@ def test_two_processes_equal_one_process(workers):
   a, b = np.load(workers["ref"]), np.load(workers["multi"])
   assert sorted(a.files) == sorted(b.files)
   assert any("memory" in k for k in a.files)
-  assert_trees_close({k: b[k] for k in b.files}, {k: a[k] for k in a.files}, "2 x 4 vs 1 x 8")
+  # The momentum buffers are raw gradients: their float noise is amplified (GRAD_LEAF_ATOL's
+  # comment); with dropout on, one entry of 18432 measured 4.8e-4 of its leaf's scale.
+  momentum = lambda k: "opt_state" in k
+  assert_trees_close({k: b[k] for k in b.files if not momentum(k)},
+                     {k: a[k] for k in a.files if not momentum(k)}, "2 x 4 vs 1 x 8")
+  assert_trees_close({k: b[k] for k in b.files if momentum(k)},
+                     {k: a[k] for k in a.files if momentum(k)}, "2 x 4 vs 1 x 8 opt_state",
+                     atol=GRAD_LEAF_ATOL)
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker-devices"]:
   devices_worker(sys.argv[2], sys.argv[3:])

@@ -85,9 +85,12 @@ each device does its share, and only anchors and per-anchor reductions cross dev
   log-sum-exp and positive sums are reduced over devices ([C, A]-sized psums), so every device
   selects its part of the one global selection and holds the same per-anchor losses.
 
-At paper settings the collectives are ~3 MB per device per step on 1 or 8 devices, against
-2 x 33.5 MB per image for all-gathering the embedding maps, and the FLOPs per device on 8 devices
-are 0.13 of one device's (`scripts/bench_contrast.py`, `contrast_collective_bytes_*`,
+At paper settings, with the mini-batch in the contrast set (semi-hard mining, all three
+sources), the collectives are 11.4 MB per device per step on 1 device and 7.7 MB (7.3 MiB) on 8
+(mostly the negative pool's reduce-scatter and its gradients' all-gather, [4096, 256] float32),
+against 2 x 33.5 MB per image for all-gathering the embedding maps, and the FLOPs per device on
+8 devices are 0.22 of one device's (the unsplit mini-batch positives: 0.13 with per-image pools)
+(`scripts/bench_contrast.py --only_pod`, `contrast_collective_bytes_*`,
 `contrast_flops_per_device_*`). tests/test_contrast_pod.py checks 8 devices == 1.
 
 Measured at paper settings (scripts/bench_contrast.py, CPU): see the JSON it prints

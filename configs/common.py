@@ -83,16 +83,20 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.contrast.global_batch = True  # Sample anchors from the global batch (device-count independent).
   c.contrast.temperature = 0.1  # tau of Eq. 3.
   c.contrast.base_temperature = placeholder(float)  # None: no tau / base_tau factor (official: 0.07).
-  c.contrast.sources = ("batch", "pixel_memory", "region_memory")  # Table 2 (Sec. 4.2).
+  # Contrast set, Table 2: Sec. 3.2 samples positives and negatives "from the memory bank M" (and
+  # the released memory code contrasts with its queue only), so the mini-batch pixels are anchors
+  # only; add "batch" to contrast with them too (docs/ABLATIONS.md, "Departures").
+  c.contrast.sources = ("pixel_memory", "region_memory")
   c.contrast.scope = "inter"  # inter (cross-image, paper) | intra (within each image), Table 1.
   c.contrast.anchor_sampling = "seg_aware_hard"  # random | seg_aware_hard (Table 3).
   c.contrast.anchors_per_class = 50  # Anchors per class per mini-batch.
   # random | hardest | semi_hard (Table 3). Paper: semi_hard, which collapses the embedding when
-  # classes overlap (from scratch; docs/ABLATIONS.md "Departures"); random does not.
+  # classes overlap (docs/ABLATIONS.md, "When the embedding collapses"); random does not.
   c.contrast.mining = "random"
   c.contrast.num_positives = 1024  # K positives per anchor.
   c.contrast.num_negatives = 2048  # K negatives per anchor.
   c.contrast.semi_hard_fraction = 0.1  # Top 10% hardest, then K at random.
+  c.contrast.semi_hard_at_least_k = True  # Semi-hard keeps >= K hardest when the top 10% of a pool is smaller.
   c.contrast.top_k = "bisect"  # mining top-k: bisect (exact, no sort) | sort (lax.top_k) | approx (TPU).
   c.contrast.positive_pool = 10240  # Candidate pool per class for positives (10 x K+).
   c.contrast.negative_pool = 20480  # Candidate pool for negatives (10 x K-).
@@ -149,6 +153,8 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.log.every_steps = 50  # Train metrics to the writers.
   c.log.profile = False  # Write a profile of a few steps.
   c.log.embedding_health = True  # Class structure of the embedding (contrast/health.py) in train metrics.
+  c.log.collapse_gap = 0.05  # Collapse alarm: embedding gap below this after the contrast warm-up ...
+  c.log.collapse_patience = 4  # ... for this many logged steps in a row logs one warning (0 = off).
   return c
 
 

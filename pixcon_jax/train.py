@@ -34,6 +34,7 @@ from pixcon_jax import setup
 from pixcon_jax import sharding
 from pixcon_jax import train_step as train_step_lib
 from pixcon_jax import validation
+from pixcon_jax.contrast import health as contrast_health
 
 
 # Datasets of the paper's experiments, which all start from ImageNet weights (Sec. 4.1).
@@ -216,6 +217,16 @@ def evaluate(exp: setup.Experiment, evaluator: evaluate_lib.Evaluator, predictor
 # ------------------------------------------------------------------------------------------
 # The loop.
 
+def make_collapse_alarm(config: ml_collections.ConfigDict) -> contrast_health.CollapseAlarm | None:
+  """The collapse alarm of a contrast run that logs the embedding's health, else None."""
+  if not (config.contrast.get("enabled", False) and config.log.get("embedding_health", True)):
+    return None
+  return contrast_health.CollapseAlarm(
+      threshold=float(config.log.get("collapse_gap", 0.05)),
+      patience=int(config.log.get("collapse_patience", 4)),
+      start_step=int(config.contrast.get("warmup_steps", 0)))
+
+
 def _check_finite(metrics: Mapping[str, jax.Array], step: int, manager) -> None:
   loss = float(jax.device_get(metrics["loss"]))
   if not np.isfinite(loss):
@@ -316,6 +327,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   predictor = make_summary_predictor(exp)
 
   eval_metrics: dict[str, Any] = {}
+  alarm = make_collapse_alarm(c)
   prev: tuple[int, Any] | None = None
   acc, acc_n = None, 0
   step = start_step
@@ -343,7 +355,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % c.log.every_steps == 0 or is_last:
         _check_finite(metrics, step, manager)
         means = jax.device_get(acc)
-        writer.write_scalars(step, {f"train/{k}": float(v) / acc_n for k, v in means.items()})
+        scalars = {f"train/{k}": float(v) / acc_n for k, v in means.items()}
+        if alarm is not None:
+          warning = alarm.update(step, scalars)
+          if warning:
+            logging.warning(warning)
+          scalars["train/embedding/collapse_alarm"] = alarm.flag
+        writer.write_scalars(step, scalars)
         acc, acc_n = None, 0
 
       is_eval = step % c.eval.every_steps == 0 or is_last

@@ -180,10 +180,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array]):
     # One key per step, shared by every device (contrast sampling and memory updates must
-    # agree everywhere); dropout masks differ per device through the device index.
+    # agree everywhere); dropout masks differ per image through the image's position in the
+    # global batch (`layers.Dropout2d`), so they do not depend on the device count either.
     step_rng = jax.random.fold_in(state.rng, state.step)
     contrast_rng, memory_rng, dropout_rng = jax.random.split(step_rng, 3)
-    dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(axis))
 
     n_dev = lax.psum(1, axis)
     memory = state.memory

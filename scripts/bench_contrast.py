@@ -183,7 +183,8 @@ def pod_scaling(*, batch_per_device: int = 2, h: int = 128, w: int = 256, dim: i
   `contrast_flops_per_device_{1,8}dev` (XLA cost analysis with the class loop unrolled).
   """
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  settings = loss_lib.ContrastSettings()
+  # The paper's mining, and the mini-batch in the contrast set too (the larger, split case).
+  settings = loss_lib.ContrastSettings(mining="semi_hard", sources=loss_lib.SOURCES)
   out = {}
   for n in (1, 8):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",))
@@ -308,7 +309,7 @@ def main(argv=None):
   num_images = 2975
   paper = dict(batch=2, h=128, w=256, dim=256, num_classes=19, pixel_queue=10 * num_images,
                num_images=num_images)
-  settings = loss_lib.ContrastSettings()  # paper defaults
+  settings = loss_lib.ContrastSettings(mining="semi_hard", sources=loss_lib.SOURCES)
   result["settings"] = {k: (list(v) if isinstance(v, tuple) else v)
                         for k, v in dataclasses.asdict(settings).items()}
   args = _specs(**paper)

@@ -52,7 +52,8 @@ def test_paper_defaults_of_the_main_configs():
   # (docs/ABLATIONS.md, "Departures"); semi_hard is one override away.
   assert c.contrast.mining == "random" and c.contrast.anchor_sampling == "seg_aware_hard"
   assert c.contrast.hard_mining_ramp_steps == 0
-  assert tuple(c.contrast.sources) == ("batch", "pixel_memory", "region_memory")
+  # The contrast set is the memory M (Sec. 3.2: "from the memory bank M").
+  assert tuple(c.contrast.sources) == ("pixel_memory", "region_memory")
   assert (c.contrast.num_positives, c.contrast.num_negatives) == (1024, 2048)
   assert c.memory.pixels_per_class == 10 and c.memory.pixel_queue_size is None  # T = 10 N.
   p = _config("pascal_context_hrnet_ocr")

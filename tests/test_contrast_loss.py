@@ -13,8 +13,8 @@ from pixcon_jax.contrast import memory as memory_lib
 C, D, T, N = 3, 5, 8, 4
 # Pools of 2 x 2048 cover every source of these small cases: the loss must be exact.
 EXACT = loss_lib.ContrastSettings(
-    anchors_per_class=64, anchor_sampling="random", positive_pool=4096, negative_pool=4096,
-    batch_pool_fraction=0.5, num_positives=5, num_negatives=7, mining="hardest")
+    sources=loss_lib.SOURCES, anchors_per_class=64, anchor_sampling="random", positive_pool=4096,
+    negative_pool=4096, batch_pool_fraction=0.5, num_positives=5, num_negatives=7, mining="hardest")
 
 
 def _case(seed=0, b=2, h=4, w=4):
@@ -141,7 +141,8 @@ def test_gradient_reaches_batch_pixels_not_memory():
 @pytest.mark.parametrize("case", ["all_ignore", "one_class_no_memory", "absent_classes"])
 def test_loss_is_finite_when_nothing_to_contrast(case):
   emb, label, predict, image_id, memory = _case(seed=3)
-  s = loss_lib.ContrastSettings(anchors_per_class=4, num_positives=4, num_negatives=8,
+  s = loss_lib.ContrastSettings(sources=loss_lib.SOURCES,
+                                anchors_per_class=4, num_positives=4, num_negatives=8,
                                 positive_pool=64, negative_pool=128)
   empty = memory_lib.init_memory(num_classes=C, dim=D, pixel_queue_size=T, region_mode="indexed",
                                  num_images=N)
@@ -167,7 +168,8 @@ def test_loss_is_finite_when_nothing_to_contrast(case):
 def test_pools_smaller_than_bank_give_k_samples():
   emb, label, predict, image_id, memory = _case(seed=4, h=8, w=8)
   memory = memory.replace(pixel_valid=jnp.ones_like(memory.pixel_valid))
-  s = loss_lib.ContrastSettings(anchors_per_class=3, num_positives=2, num_negatives=4,
+  s = loss_lib.ContrastSettings(sources=loss_lib.SOURCES,
+                                anchors_per_class=3, num_positives=2, num_negatives=4,
                                 positive_pool=20, negative_pool=40, semi_hard_fraction=0.1)
   loss, metrics = jax.jit(functools.partial(loss_lib.pixel_contrast_loss, settings=s))(
       jnp.asarray(emb), jnp.asarray(label), jnp.asarray(predict), jnp.asarray(image_id), memory,
@@ -182,7 +184,8 @@ def test_bisect_and_sort_selection_give_the_same_loss_and_gradient(mining):
   emb, label, predict, image_id, memory = _case(seed=5, h=8, w=8)
   memory = memory.replace(pixel_valid=jnp.ones_like(memory.pixel_valid))
   # Pools of 10 x K drawn from a larger set: semi-hard keeps exactly the K hardest of each.
-  base = loss_lib.ContrastSettings(anchors_per_class=6, num_positives=4, num_negatives=8,
+  base = loss_lib.ContrastSettings(sources=loss_lib.SOURCES,
+                                   anchors_per_class=6, num_positives=4, num_negatives=8,
                                    positive_pool=40, negative_pool=80, mining=mining)
   args = (jnp.asarray(emb), jnp.asarray(label), jnp.asarray(predict), jnp.asarray(image_id),
           memory, jax.random.key(0))
@@ -240,7 +243,8 @@ def test_hardness_curriculum_runs_from_random_to_semi_hard():
   # at random with the same key), the final fraction gives exactly the static semi-hard loss.
   emb, label, predict, image_id, memory = _case(seed=6, h=8, w=8)
   memory = memory.replace(pixel_valid=jnp.ones_like(memory.pixel_valid))
-  base = loss_lib.ContrastSettings(anchors_per_class=6, num_positives=4, num_negatives=8,
+  base = loss_lib.ContrastSettings(sources=loss_lib.SOURCES,
+                                   anchors_per_class=6, num_positives=4, num_negatives=8,
                                    positive_pool=40, negative_pool=80, mining="semi_hard")
   args = (jnp.asarray(emb), jnp.asarray(label), jnp.asarray(predict), jnp.asarray(image_id),
           memory, jax.random.key(0))
@@ -283,7 +287,8 @@ def test_paper_recipe_at_default_pool_ratios_matches_exact_pools_in_expectation(
       region_valid=jnp.ones((c, n), bool))
   args = (jnp.asarray(emb), jnp.asarray(label), jnp.asarray(label), jnp.arange(b, dtype=jnp.int32),
           memory)
-  base = loss_lib.ContrastSettings(anchors_per_class=1000, anchor_sampling="random",
+  base = loss_lib.ContrastSettings(sources=loss_lib.SOURCES,
+                                   anchors_per_class=1000, anchor_sampling="random",
                                    num_positives=8, num_negatives=16, mining="semi_hard")
   keys = jax.random.split(jax.random.key(1), 256)
 

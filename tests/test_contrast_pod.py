@@ -63,6 +63,16 @@ _SCRIPT = textwrap.dedent("""
               put(score, rows), put(ok, rows), put(weight, P("data")))
       np.testing.assert_array_equal(np.asarray(got_m), np.asarray(want_m), err_msg=f"weighted {k}")
       np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-6)
+    # The mini-batch pools: uniform over the pixels of the whole batch, the same members on 8
+    # devices (2 images of 64 pixels each) as on 1.
+    member = rng.uniform(size=(3, 16 * 64)) < np.array([[0.5], [0.05], [0.002]])
+    want = sampling.batch_pool(jnp.asarray(member), 37, key, jnp.arange(16))
+    got = jax.jit(jax.shard_map(
+        lambda v, p: sampling.batch_pool(v, 37, key, p, axis_name="data"), mesh=mesh,
+        in_specs=(P(None, "data"), P("data")), out_specs=P(None, "data")))(
+            put(member, P(None, "data")), put(np.arange(16, dtype=np.int32), P("data")))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg="batch pool")
+    np.testing.assert_array_equal(np.asarray(want).sum(-1), np.minimum(37, member.sum(-1)))
     label_grid = label
     # The global-batch loss: the 8 devices evaluate one loss of the whole batch together (each
     # its images' share of the pools and its 1/8 of the memory pools). It must equal one device
@@ -72,7 +82,8 @@ _SCRIPT = textwrap.dedent("""
     predict = np.where(label_grid == 255, 0, predict)
     whole = (jnp.asarray(emb), jnp.asarray(label_grid), jnp.asarray(predict), jnp.asarray(image_id))
     split = tuple(put(x, P("data")) for x in (emb, label_grid, predict, image_id))
-    base = loss_lib.ContrastSettings(anchors_per_class=6, num_positives=8, num_negatives=16,
+    base = loss_lib.ContrastSettings(sources=loss_lib.SOURCES, anchors_per_class=6,
+                                     num_positives=8, num_negatives=16,
                                      positive_pool=80, negative_pool=160)
     cases = {
         "random": dict(mining="random"),
@@ -111,7 +122,8 @@ _SCRIPT = textwrap.dedent("""
     # and on 8 devices (2 images each), the collectives stay far below one device's embedding
     # map and do not grow with the device count, and the FLOPs per device fall with it.
     b, h, w, d = 2, 32, 32, 64
-    big = loss_lib.ContrastSettings(anchors_per_class=8, num_positives=64, num_negatives=128,
+    big = loss_lib.ContrastSettings(sources=loss_lib.SOURCES, anchors_per_class=8,
+                                    num_positives=64, num_negatives=128,
                                     positive_pool=640, negative_pool=1280, unroll=True)
     measured = {}
     for n in (1, 8):
@@ -134,8 +146,13 @@ _SCRIPT = textwrap.dedent("""
     map_bytes = b * h * w * d * 4
     (bytes1, flops1), (bytes8, flops8) = measured[1], measured[8]
     print("pod", measured, map_bytes)
-    assert 0 < bytes8 < 0.2 * map_bytes and bytes8 <= 1.1 * bytes1, (measured, map_bytes)
-    assert flops8 <= 0.25 * flops1, measured
+    # The negative pool's members are rebalanced over devices (a reduce-scatter of [pool share, D]
+    # and, backward, an all-gather of [pool share, D]); a class's mini-batch positives stay on
+    # the devices that hold its pixels, so their similarities are not split. On this small case
+    # that leaves 0.23 of a map and 0.27 of one device's FLOPs (measured 2026-12-07); at paper
+    # settings `scripts/bench_contrast.py --only_pod` gives 7.3 MiB and 0.22.
+    assert 0 < bytes8 < 0.25 * map_bytes and bytes8 <= 1.1 * bytes1, (measured, map_bytes)
+    assert flops8 <= 0.3 * flops1, measured
     print("OK")
 """)
 

@@ -34,6 +34,24 @@ def test_fcn_head_names_shapes_and_channel_dropout():
   assert set(np.unique(np.asarray(y))) == {0.0, 2.0}
 
 
+def test_channel_dropout_masks_follow_the_image_position_not_the_device():
+  # 4 images on one device, and 2 + 2 on two (vmap with an axis name stands in for the devices
+  # of shard_map): the same 'dropout' key gives every image the same mask.
+  from pixcon_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 32)) + 5.0  # no zeros of its own
+  key = {"dropout": jax.random.key(3)}
+  whole = layers.Dropout2d(0.5).apply({}, x, rngs=key)
+  split = jax.vmap(lambda xs: layers.Dropout2d(0.5, axis_name="data").apply({}, xs, rngs=key),
+                   axis_name="data")(x.reshape(2, 2, 3, 3, 32)).reshape(x.shape)
+  np.testing.assert_array_equal(np.asarray(split), np.asarray(whole))
+  kept = np.asarray(whole != 0)[:, 0, 0]  # [4, 32]
+  assert 0 < kept.mean() < 1 and len({tuple(r) for r in kept}) == 4  # images differ
+  np.testing.assert_allclose(np.asarray(whole)[kept[:, None, None, :].repeat(3, 1).repeat(3, 2)],
+                             2 * np.asarray(x)[kept[:, None, None, :].repeat(3, 1).repeat(3, 2)],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(layers.Dropout2d(0.5, deterministic=True).apply({}, x), x)
+
+
 def test_aux_head_without_dropout_names_last_conv_2():
   head = heads.FCNHead(num_classes=3, dropout=None, final_bias=True)
   params = _flat(head.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)))["params"])

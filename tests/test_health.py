@@ -85,3 +85,51 @@ def test_sharded_statistics_equal_the_global_batch():
   want = _numpy_health(emb, label)
   for k, v in want.items():
     np.testing.assert_allclose(float(got[k]), v, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def _logged(emb, label, prefix="train/embedding/"):
+  stats = health.embedding_health(jnp.asarray(emb), jnp.asarray(label), num_classes=3)
+  return {prefix + k: float(v) for k, v in stats.items()}
+
+
+def test_collapse_alarm_fires_once_on_a_forced_collapse_after_the_warmup():
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 3, size=(2, 6, 6))
+  centres = np.eye(3, 4)
+  separated = centres[label] + 0.1 * rng.normal(size=label.shape + (4,))
+  collapsed = np.ones(label.shape + (4,)) + 0.01 * rng.normal(size=label.shape + (4,))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  good, bad = _logged(unit(separated), label), _logged(unit(collapsed), label)
+  assert good["train/embedding/gap"] > 0.5 and bad["train/embedding/gap"] < 0.01
+  alarm = health.CollapseAlarm(threshold=0.05, patience=3, start_step=100)
+  lines, flags = [], []
+  # Collapsed during the warm-up (steps < 100): not counted. Then separated (resets the count),
+  # two low steps, one good one, then low for good.
+  for step, m in [(50, bad), (90, bad), (100, good), (110, bad), (120, bad), (130, good),
+                  (140, bad), (150, bad), (160, bad), (170, bad), (180, bad)]:
+    lines.append(alarm.update(step, m))
+    flags.append(alarm.flag)
+  fired = [line for line in lines if line]
+  assert len(fired) == 1 and lines[8] == fired[0], lines  # at step 160, the 3rd low step in a row
+  assert flags == [0.0] * 8 + [1.0] * 3, flags
+  line = fired[0]
+  assert "\n" not in line and "docs/ABLATIONS.md" in line and "collapse" in line
+  assert f"{bad['train/embedding/same_class_cos']:.3f}" in line
+  assert f"{bad['train/embedding/diff_class_cos']:.3f}" in line
+  # A run whose embedding stays separated never raises it; patience 0 turns it off.
+  calm, off = health.CollapseAlarm(0.05, 3), health.CollapseAlarm(0.05, 0)
+  assert not any(calm.update(s, good) for s in range(10)) and calm.flag == 0.0
+  assert not any(off.update(s, bad) for s in range(10))
+
+
+def test_collapse_alarm_reads_its_config_keys():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from pixcon_jax import train  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  config.log.collapse_gap = 0.07
+  config.log.collapse_patience = 6
+  config.contrast.warmup_steps = 25
+  alarm = train.make_collapse_alarm(config)
+  assert (alarm.threshold, alarm.patience, alarm.start_step) == (0.07, 6, 25)
+  config.contrast.enabled = False
+  assert train.make_collapse_alarm(config) is None

@@ -30,6 +30,7 @@ def _config():
   config.contrast.num_negatives = 16
   config.contrast.positive_pool = 32
   config.contrast.negative_pool = 64
+  config.contrast.sources = ("batch", "pixel_memory", "region_memory")  # every source
   config.memory.pixel_queue_size = 16
   return config
 
@@ -124,3 +125,26 @@ def test_objective_is_ce_plus_aux_plus_lambda_contrast(step):
                                  num_classes=C)
   for k, v in want.items():
     np.testing.assert_allclose(float(metrics[f"embedding/{k}"]), float(v), rtol=1e-5, atol=1e-6)
+
+
+def test_contrast_settings_defaults_equal_the_config_defaults():
+  # One default per knob: every ContrastSettings field that is a config key defaults to the
+  # value of configs/common.py; the others are not knobs (set by the code or by benchmarks).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from pixcon_jax.contrast import loss as loss_lib  # pylint: disable=g-import-not-at-top
+  config = common.base_config(model="hrnet_w48_contrast", dataset="cityscapes", num_classes=19,
+                              crop_size=(512, 1024), batch_size=8, lr=0.01, total_steps=10)
+  keys = {**config.memory.to_dict(), **config.contrast.to_dict()}
+  not_knobs = {"num_classes", "ignore_label", "unroll"}
+  checked = []
+  for field in dataclasses.fields(loss_lib.ContrastSettings):
+    if field.name in not_knobs:
+      assert field.name not in keys, field.name
+      continue
+    assert field.name in keys, f"ContrastSettings.{field.name} is not a config key"
+    want = keys[field.name]
+    want = tuple(want) if isinstance(want, list) else want
+    assert field.default == want, (field.name, field.default, want)
+    checked.append(field.name)
+  assert {"mining", "semi_hard_at_least_k", "sources"} <= set(checked)

@@ -32,6 +32,9 @@ TINY = [
     "--config.eval.num_summary_images=2", "--config.memory.pixel_queue_size=64",
     # Contrast warm-up as in the official recipe, so the test sees lambda switch on.
     "--config.contrast.warmup_steps=3",
+    # A forced collapse: every gap is below 2, so the collapse alarm goes off at the 3rd logged
+    # step from the warm-up on (step 5).
+    "--config.log.collapse_gap=2.0", "--config.log.collapse_patience=3",
     # Stop requests are looked for at steps 2, 4, 6, ... only (checkpoints at 4, 8, ...).
     f"--config.checkpoint.preemption_check_every_steps={STOP_CHECK_EVERY}",
 ]
@@ -178,6 +181,15 @@ def test_contrast_on_after_warmup_and_after_resume(runs):
   assert any(s > resumed_at for s in weights)
   losses = dict(ev_b["train/contrast_loss"])
   assert all(losses[s] > 0 for s in losses if s > resumed_at)
+
+
+def test_collapse_alarm_logs_one_line_and_a_tensorboard_flag(runs):
+  log = (runs["root"] / "a.log").read_text()
+  lines = [line for line in log.splitlines() if "embedding collapse:" in line]
+  assert len(lines) == 1 and "docs/ABLATIONS.md" in lines[0], lines
+  flag = dict(_events(runs["a"])["train/embedding/collapse_alarm"])
+  assert all(flag[s] == (1.0 if s >= 5 else 0.0) for s in flag), flag
+  assert sorted(flag) == list(range(1, TOTAL_STEPS + 1))
 
 
 def test_eval_mode_reproduces_the_final_miou(runs):

@@ -70,13 +70,6 @@ def run_steps(config, devices, batches):
   return jax.device_get(state), metrics
 
 
-def disable_dropout():
-  """Dropout masks are per-device random streams: compare the steps without them."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from pixcon_jax.models import heads  # pylint: disable=g-import-not-at-top
-  heads.dropout2d = lambda rate, *, train: nn.Dropout(rate, deterministic=True)
-
-
 # Summation order differs between 1 and 8 devices, or 1 and 2 processes; after two steps of a
 # random tiny net that float32 noise measured up to 1.1e-4 of a leaf's largest entry (the stem
 # conv's momentum; every other leaf <= 6e-5). A wrong shard, psum or host slice is O(1).
@@ -127,7 +120,9 @@ def devices_worker(ref_path: str, recipes: list[str]) -> None:
   """8 devices vs 1 device for each recipe; saves the paper recipe's 8-device result."""
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8, jax.devices()
-  disable_dropout()
+  # Dropout on: its masks are drawn per image from the image's global position
+  # (`layers.Dropout2d`), so they, and the seg.-aware hard anchors picked from the dropped-out
+  # logits, are the same on 8 devices as on 1.
   for recipe in recipes:
     config = tiny_config(recipe)
     batches = [fake_batch(config, 0), fake_batch(config, 1)]
@@ -158,7 +153,6 @@ def process_worker(out_path: str, port: str, process_id: str) -> None:
   from pixcon_jax import setup, sharding  # pylint: disable=g-import-not-at-top
   from pixcon_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
-  disable_dropout()
   config = tiny_config("paper")
   exp = setup.for_training(config)
   state = ts.create_train_state(
@@ -232,7 +226,14 @@ def test_two_processes_equal_one_process(workers):
   a, b = np.load(workers["ref"]), np.load(workers["multi"])
   assert sorted(a.files) == sorted(b.files)
   assert any("memory" in k for k in a.files)
-  assert_trees_close({k: b[k] for k in b.files}, {k: a[k] for k in a.files}, "2 x 4 vs 1 x 8")
+  # The momentum buffers are raw gradients: their float noise is amplified (GRAD_LEAF_ATOL's
+  # comment); with dropout on, one entry of 18432 measured 4.8e-4 of its leaf's scale.
+  momentum = lambda k: "opt_state" in k
+  assert_trees_close({k: b[k] for k in b.files if not momentum(k)},
+                     {k: a[k] for k in a.files if not momentum(k)}, "2 x 4 vs 1 x 8")
+  assert_trees_close({k: b[k] for k in b.files if momentum(k)},
+                     {k: a[k] for k in a.files if momentum(k)}, "2 x 4 vs 1 x 8 opt_state",
+                     atol=GRAD_LEAF_ATOL)
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker-devices"]:
   devices_worker(sys.argv[2], sys.argv[3:])

@@ -48,3 +48,30 @@ def concat_last(x: jax.Array, axis_name: AxisName) -> jax.Array:
   mine = jnp.arange(n) == lax.axis_index(axis_name)  # [N]
   blocks = jnp.where(mine[:, None], lax.stop_gradient(x)[..., None, :], 0)  # [..., N, n]
   return lax.psum(blocks, axis_name).reshape(x.shape[:-1] + (n * x.shape[-1],))
+
+
+def offset(count: jax.Array, axis_name: AxisName) -> jax.Array:
+  """Sum of `count` over the devices before this one along the axis (0 without an axis).
+
+  Args:
+    count: [...] int, this device's count.
+  Returns:
+    [...] int: where this device's entries start in the order of all devices' entries.
+  """
+  if axis_name is None:
+    return jnp.zeros_like(count)
+  counts = concat_last(count[..., None], axis_name)  # [..., N]
+  before = jnp.arange(counts.shape[-1]) < lax.axis_index(axis_name)
+  return jnp.sum(jnp.where(before, counts, 0), axis=-1).astype(count.dtype)
+
+
+def scatter_rows(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  """Sum over devices of [R, ...] blocks, each device keeping its contiguous R / N rows.
+
+  A reduce-scatter: every device writes the rows it holds into zeros, and device d receives rows
+  [d R / N, (d + 1) R / N) of the sum. Differentiable (its transpose is an all-gather of the
+  rows' gradients). R must be a multiple of N.
+  """
+  if axis_name is None:
+    return x
+  return lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=True)

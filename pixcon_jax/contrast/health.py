@@ -12,8 +12,13 @@ S_c = sum_{i in c} e_i and n_c = |c|, so no pixel-by-pixel similarity matrix is 
 - `gap`: same_class_cos - diff_class_cos (about 0 when collapsed, larger when separated).
 - `class_mean_cos`: mean cosine between the mean embeddings of two different classes present.
 - `mean_length`: |S| / N, the length of the mean unit embedding (1 = every pixel on one point).
+
+`CollapseAlarm` watches the logged `gap` of a run and says once when it stays below a threshold.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -78,3 +83,49 @@ def embedding_health(embedding: jax.Array, label: jax.Array, *, num_classes: int
   if axis_name is not None:
     sums, counts = lax.psum((sums, counts), axis_name)
   return health_from_sums(sums, counts)
+
+
+COLLAPSE_DOCS = 'docs/ABLATIONS.md, "When the embedding collapses"'
+
+
+@dataclasses.dataclass
+class CollapseAlarm:
+  """Raises one warning when the embedding gap stays low for several logged steps.
+
+  Fed the logged train metrics (`update`), it counts consecutive logged steps at or after the
+  contrast warm-up whose `embedding/gap` is below `threshold`; when the count reaches `patience`
+  it returns one warning line (once per run), with the same- and different-class cosines and the
+  docs section to read. `flag` (1.0 from then on while the gap stays low, else 0.0) is the
+  TensorBoard flag the train loop writes.
+
+  Attributes:
+    threshold: gap below which a logged step counts (config `log.collapse_gap`).
+    patience: consecutive low logged steps that raise the alarm (`log.collapse_patience`).
+    start_step: first step that counts (the contrast's `warmup_steps`).
+  """
+  threshold: float
+  patience: int
+  start_step: int = 0
+  below: int = 0
+  fired: bool = False
+
+  def update(self, step: int, metrics: Mapping[str, float], prefix: str = "train/embedding/"
+             ) -> str | None:
+    """Counts one logged step; returns the warning line the first time the alarm goes off."""
+    gap = metrics.get(prefix + "gap")
+    if gap is None or step < self.start_step or self.patience < 1:
+      return None
+    self.below = self.below + 1 if gap < self.threshold else 0
+    if self.below < self.patience or self.fired:
+      return None
+    self.fired = True
+    same = metrics.get(prefix + "same_class_cos", float("nan"))
+    diff = metrics.get(prefix + "diff_class_cos", float("nan"))
+    return (f"embedding collapse: {prefix}gap = {gap:.3f} has stayed below {self.threshold} for "
+            f"{self.below} logged steps (same-class cosine {same:.3f}, different-class cosine "
+            f"{diff:.3f}); the contrast is no longer separating the classes, see "
+            f"{COLLAPSE_DOCS}")
+
+  @property
+  def flag(self) -> float:
+    return float(self.below >= self.patience)

@@ -16,12 +16,15 @@ FLOPs forward; the loss must stay within ~3% of an HRNet-W48 step (~6e10 FLOPs f
 So every step draws random candidate pools without replacement (`sampling.sample_pool`):
 
 - positives of class c: `positive_pool` entries (default 10240 = 10 x K+) of class c, a share
-  `batch_pool_fraction` (0.2) from the mini-batch (drawn per image: ceil(share / images) of the
-  class's pixels of each image) and the rest from the union of the pixel and region memories
-  (uniform over that union, so pixel vs region weights follow their sizes);
+  `batch_pool_fraction` (0.2) from the mini-batch (a uniform sample without replacement of the
+  class's pixels in the whole mini-batch, `sampling.batch_pool`: every pixel of the class equally
+  likely, whatever its image or segment size; the whole class when it has fewer pixels) and the
+  rest from the union of the pixel and region memories (uniform over that union, so pixel vs
+  region weights follow their sizes);
 - negatives: one pool of `negative_pool` entries (default 20480 = 10 x K-) shared by all classes,
-  split the same way; for class c its entries of other classes are the negatives (so class c sees
-  about (1 - share of c) x pool negatives).
+  split the same way (its mini-batch part uniform over all labelled pixels of the mini-batch);
+  for class c its entries of other classes are the negatives (so class c sees about
+  (1 - share of c) x pool negatives).
 
 Semi-hard mining (Sec. 3.2: top 10% hardest of M, then K at random) is applied to the pool: the
 members of a uniform random pool that lie in the bank's hardest 10% are a uniform random subset of
@@ -33,7 +36,8 @@ With every pool at least as large as its source the pools are the whole sources 
 exact (the tests compare with a direct numpy Eq. 3).
 'hardest' (Table 3) means the K hardest of the whole contrast set, not of the pool (at pool = K /
 fraction the pool's hardest K are exactly what semi-hard takes). Each pool entry stands for
-n_source / n_pool entries of its source (the mini-batch pixels of the class, or the memory), so the
+n_source / n_pool entries of its source (the mini-batch pixels of the class, or the memory: the
+two parts of a pool sample their sources at different rates), so the
 set's hardest K are estimated by the pool entries above the threshold whose *weight* reaches K
 (`sampling.weighted_top_mask`; about pool x K / n_source entries), and Eq. 3 weights them: a
 negative enters the log-sum-exp with its weight (the selected weights add up to K), a positive's
@@ -58,22 +62,35 @@ Work split over devices (`axis_name`, the train step's `contrast.global_batch=Tr
 The loss is one loss of the whole mini-batch, whatever the number of devices it is split over;
 each device does its share, and only anchors and per-anchor reductions cross devices:
 
-- Random draws depend on an image's position in the mini-batch (anchors, batch pools) or on a
-  candidate's column id (mining), never on the device that holds it.
+- Random draws depend on an image's or a pixel's position in the mini-batch (anchors, batch
+  pools) or on a candidate's column id (mining), never on the device that holds it.
 - Anchors: the class's A largest per-pixel random scores over all images (`sampling.global_top_k`
   merges each device's own top A, [C, N x A] scores). Every device gets every anchor's embedding
   by a psum ([C, A, D]; its transpose sums the anchors' gradients).
-- Pools: the mini-batch part is drawn per image (ceil(pool / images) entries from each), so each
-  device draws and holds its own images' entries; the memory pools are drawn with the shared key
-  from the replicated bank and each device takes 1/N of their entries (`_pool_slice`).
-- Each device computes all anchors against its pool entries, so the similarity FLOPs fall as 1/N.
+- Pools: the mini-batch parts are the top k of per-pixel random keys drawn from each pixel's
+  global position, found with one global threshold per pool (bisection with psum'd counts,
+  `sampling.uniform_subset`), so the pools are the same sets on any number of devices.
+  A class's pool members lie wherever its pixels are, all on one device for a class that only
+  one device's images show, so each device keeps room for a whole class pool ([C, batch share]
+  entries; its own members valid, the rest masked): the mini-batch positives' similarities are
+  not split (at paper settings they are ~1/12 of the loss's FLOPs). The negative pool, whose
+  similarities to every anchor are the larger cost, is balanced: each device writes its members
+  at their ranks in the global pixel order (`collectives.offset`) and a reduce-scatter
+  (`collectives.scatter_rows`; an all-gather of their gradients in the backward pass) leaves
+  device d ranks [d, d + 1) x pool / N. The memory pools are drawn with the shared key from the
+  replicated bank and each device takes 1/N of their entries (`_pool_slice`).
+- Each device computes all anchors against its pool entries, so the similarity FLOPs of the
+  negative and memory pools fall as 1/N.
   The mining's counts (`sampling.top_k_mask` bisection, `weighted_top_mask`) and Eq. 3's
   log-sum-exp and positive sums are reduced over devices ([C, A]-sized psums), so every device
   selects its part of the one global selection and holds the same per-anchor losses.
 
-At paper settings the collectives are ~3 MB per device per step on 1 or 8 devices, against
-2 x 33.5 MB per image for all-gathering the embedding maps, and the FLOPs per device on 8 devices
-are 0.13 of one device's (`scripts/bench_contrast.py`, `contrast_collective_bytes_*`,
+At paper settings, with the mini-batch in the contrast set (semi-hard mining, all three
+sources), the collectives are 11.4 MB per device per step on 1 device and 7.7 MB (7.3 MiB) on 8
+(mostly the negative pool's reduce-scatter and its gradients' all-gather, [4096, 256] float32),
+against 2 x 33.5 MB per image for all-gathering the embedding maps, and the FLOPs per device on
+8 devices are 0.22 of one device's (the unsplit mini-batch positives: 0.13 with per-image pools)
+(`scripts/bench_contrast.py --only_pod`, `contrast_collective_bytes_*`,
 `contrast_flops_per_device_*`). tests/test_contrast_pod.py checks 8 devices == 1.
 
 Measured at paper settings (scripts/bench_contrast.py, CPU): see the JSON it prints
@@ -109,10 +126,15 @@ _REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_KEPT)
 class ContrastSettings:
   """Static settings of `pixel_contrast_loss` (bound once with functools.partial).
 
+  The defaults are configs/common.py's (tests/test_objective.py compares them): one default per
+  knob. `mining` defaults to 'random', not the paper's 'semi_hard' (docs/ABLATIONS.md,
+  "Departures").
+
   Attributes:
     temperature: tau of Eq. 3 (paper 0.1).
     base_temperature: if set, the loss is scaled by tau / base_tau (official code: 0.07).
-    sources: contrast set, any of 'batch', 'pixel_memory', 'region_memory' (Table 2).
+    sources: contrast set, any of 'batch', 'pixel_memory', 'region_memory' (Table 2). Default:
+      the memory M only, the paper's "from the memory bank M" (Sec. 3.2).
     scope: 'inter' (across images) or 'intra' (anchor's own image only, batch source only; Table 1).
     anchor_sampling: 'random' or 'seg_aware_hard' (half mispredicted pixels).
     anchors_per_class: anchors per class per (per-device) mini-batch (paper 50).
@@ -139,11 +161,11 @@ class ContrastSettings:
   """
   temperature: float = 0.1
   base_temperature: float | None = None
-  sources: tuple[str, ...] = SOURCES
+  sources: tuple[str, ...] = ("pixel_memory", "region_memory")
   scope: str = "inter"
   anchor_sampling: str = "seg_aware_hard"
   anchors_per_class: int = 50
-  mining: str = "semi_hard"
+  mining: str = "random"
   num_positives: int = 1024
   num_negatives: int = 2048
   semi_hard_fraction: float = 0.1
@@ -383,31 +405,37 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
   consts = {}
   batch_pos, mem_pos = s.pool_split(s.positive_pool)
   batch_neg, mem_neg = s.pool_split(s.negative_pool)
-  # The mini-batch part of a pool is drawn per image, ceil(pool / images) from each, so that a
-  # device draws (and computes with) only its images' share of every pool.
-  per_image_pos = -(-batch_pos // num_images)
-  per_image_neg = -(-batch_neg // num_images)
+  # The mini-batch parts of the pools are uniform samples of the whole mini-batch's pixels: one
+  # random key per pixel from its global position and one global threshold per pool
+  # (`sampling.uniform_subset`), so the pools do not depend on the split over devices.
+  total_pixels = num_images * hw  # memory columns are numbered after the pixels
   if batch_pos:
-    # Positives from the batch: pixels of class c (gathered once; gradients flow into them).
-    is_class = pixel_ok[:, None, :] & (label[:, None, :] == classes[None, :, None])  # [b, C, hw]
-    idx, ok = sampling.per_image(lambda key, v: sampling.sample_pool(v, per_image_pos, key),
-                                 rng_bp, positions, is_class)  # [b, C, q]
-    q = idx.shape[-1]
-    column = positions[:, None] * q + jnp.arange(q)  # [b, q]
-    flat = lambda x: jnp.moveaxis(x, 0, 1).reshape(num_classes, b * q)  # [b, C, q] -> [C, b q]
-    idx = flat(idx + (jnp.arange(b) * hw)[:, None, None])
-    xs.update(bp=emb[idx], bp_pixel=pixel[idx], bp_valid=flat(ok), bp_image=image[idx])
-    consts.update(bp_column=column.reshape(-1))  # the same ids for every class
+    # Positives of class c: a device holds its own images' members of the pool, which may be
+    # all of it (a class present on this device only), so it keeps room for the whole pool.
+    # Gradients flow into them.
+    is_class = pixel_ok.reshape(-1) & (flat_label == classes[:, None])  # [C, b hw]
+    chosen = sampling.batch_pool(is_class, batch_pos, rng_bp, positions, axis_name)
+    idx, ok = sampling.compact(chosen, batch_pos)  # [C, min(pool, b hw)]
+    xs.update(bp=emb[idx], bp_pixel=pixel[idx], bp_valid=ok, bp_image=image[idx],
+              bp_column=pixel[idx])
   if batch_neg:
-    idx, ok = sampling.per_image(lambda key, v: sampling.sample_pool(v, per_image_neg, key),
-                                 rng_bn, positions, pixel_ok)  # [b, q]
-    q = idx.shape[-1]
-    column = (positions[:, None] * q + jnp.arange(q)).reshape(-1)
-    idx = (idx + (jnp.arange(b) * hw)[:, None]).reshape(-1)
-    consts.update(bn=emb[idx], bn_valid=ok.reshape(-1), bn_label=flat_label[idx],
-                  bn_image=image[idx], bn_column=column)
-  batch_columns_pos = num_images * per_image_pos  # memory columns are numbered after these
-  batch_columns_neg = num_images * per_image_neg
+    # Negatives: one pool over all pixels, its members spread evenly over the devices (their
+    # similarity to every anchor is the larger cost): each device writes its members at their
+    # ranks in the global pixel order and receives a contiguous 1/N of the ranks.
+    chosen = sampling.batch_pool(pixel_ok.reshape(-1), batch_neg, rng_bn, positions, axis_name)
+    idx, ok = sampling.compact(chosen, batch_neg)  # [min(pool, b hw)]
+    rows = -(-min(batch_neg, total_pixels) // n_dev) * n_dev
+    rank = collectives.offset(jnp.sum(chosen, dtype=jnp.int32), axis_name) + jnp.arange(
+        idx.shape[0], dtype=jnp.int32)
+    put = lambda x: collectives.scatter_rows(
+        jnp.zeros((rows,) + x.shape[1:], x.dtype).at[jnp.where(ok, rank, rows)].set(
+            x, mode="drop"), axis_name)
+    meta = put(jnp.stack([ok.astype(jnp.int32), flat_label[idx], image[idx]], axis=1))
+    share = rows // n_dev
+    consts.update(bn=put(emb[idx]), bn_valid=meta[:, 0] > 0, bn_label=meta[:, 1],
+                  bn_image=meta[:, 2],
+                  bn_column=collectives.index(axis_name) * share + jnp.arange(share))
+  batch_columns_pos = batch_columns_neg = total_pixels
   memory_weight = {}  # n_source / n_pool of each memory pool (the whole pool, before the split)
   if s.uses_memory:
     use_pixel, use_region, t, r = _memory_union(memory, s.sources)
@@ -434,22 +462,22 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
                     nm_label=cls, nm_column=batch_columns_neg + at)
   # 'hardest' estimates the whole set's top K from the pools (module doc); pools at least as
   # large as their sources are the sources themselves, and the exact top-K is taken.
-  pools_exact = ((not batch_pos or per_image_pos >= hw) and (not batch_neg or per_image_neg >= hw)
+  pools_exact = ((not batch_pos or batch_pos >= total_pixels)
+                 and (not batch_neg or batch_neg >= total_pixels)
                  and (not s.uses_memory or ((not mem_pos or mem_pos >= width)
                                             and (not mem_neg or mem_neg >= num_classes * width))))
   weighted = s.mining == "hardest" and not pools_exact
   if weighted:
-    # How many source entries each pool entry stands for (only 'hardest' on partial pools): per
-    # image for the mini-batch parts, per class row (or the whole bank) for the memory parts.
+    # How many source entries each pool entry stands for (only 'hardest' on partial pools): the
+    # mini-batch pools are uniform over the whole mini-batch, the memory pools over their class
+    # row (or the whole bank), and the sources' rates differ.
+    global_pool_weight = lambda source, pool: (
+        psum(jnp.sum(source, axis=-1, keepdims=True)).astype(jnp.float32)
+        / jnp.maximum(psum(jnp.sum(pool, axis=-1, keepdims=True)), 1).astype(jnp.float32))
     if "bp_valid" in xs:
-      q = xs["bp_valid"].shape[1] // b
-      source = jnp.moveaxis(is_class, 0, 1)  # [C, b, hw]
-      weight = _pool_weight(source, xs["bp_valid"].reshape(num_classes, b, q))  # [C, b, 1]
-      xs["bp_weight"] = jnp.broadcast_to(weight, (num_classes, b, q)).reshape(num_classes, b * q)
+      xs["bp_weight"] = global_pool_weight(is_class, xs["bp_valid"])  # [C, 1]
     if "bn_valid" in consts:
-      q = consts["bn_valid"].shape[0] // b
-      weight = _pool_weight(pixel_ok, consts["bn_valid"].reshape(b, q))  # [b, 1]
-      consts["bn_weight"] = jnp.broadcast_to(weight, (b, q)).reshape(-1)
+      consts["bn_weight"] = global_pool_weight(pixel_ok.reshape(-1), consts["bn_valid"])
     if "mp_valid" in xs:
       xs["mp_weight"] = memory_weight["mp"]
     if "nm_valid" in consts:
@@ -477,7 +505,7 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
       if intra:
         ok &= x["bp_image"][None, :] == x["anchor_image"][:, None]
       pos_ok.append(ok)
-      pos_column.append(consts["bp_column"])
+      pos_column.append(x["bp_column"])
     if "mp_slot" in x:
       keys = _gather_union(memory, x["cls"], x["mp_slot"], use_pixel, use_region, dtype)
       pos_sim.append(a @ keys.T)

@@ -7,6 +7,10 @@ on data, so the functions are jit- and shard_map-safe.
 
 - `sample_pool`: a uniform candidate pool of fixed size from the valid entries of a set (stratified
   without replacement; exact -- the whole set -- when the pool is at least as large as the set).
+- `batch_pool` (`pixel_keys`, `uniform_subset`), `compact`: a uniform sample without replacement
+  of the pixels of the whole (global) mini-batch -- random keys from each pixel's global
+  position, one global threshold -- and this device's selected entries packed into a static-size
+  array.
 - `global_top_k`: the k largest scores of rows whose entries are spread over devices.
 - `sample_anchors`: per-class anchors, random or segmentation-aware hard (half mispredicted pixels),
   drawn from the images of all devices with per-image random scores.
@@ -121,6 +125,84 @@ def sample_pool(valid: jax.Array, k: int, rng: jax.Array) -> tuple[jax.Array, ja
   index = search(count, rank)
   index = jnp.where(ok, jnp.minimum(index, n_static - 1), 0)
   return index, ok
+
+
+def compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """The first `size` True entries of each row, as indices in ascending order.
+
+  Args:
+    mask: [..., n] bool.
+    size: static output width (clipped to n).
+  Returns:
+    index [..., min(size, n)] int32 (0 where unused), ok [..., min(size, n)] bool (False once
+    the row's True entries are used up).
+  """
+  n_static = mask.shape[-1]
+  size = min(int(size), n_static)
+  count = jnp.cumsum(mask.astype(jnp.int32), axis=-1)  # [..., n]
+  j = jnp.arange(size, dtype=jnp.int32)
+  # The j-th True entry is the first position whose inclusive count exceeds j.
+  search = lambda c: jnp.searchsorted(c, j, side="right").astype(jnp.int32)
+  for _ in mask.shape[:-1]:
+    search = jax.vmap(search)
+  ok = j < count[..., -1:]
+  return jnp.where(ok, jnp.minimum(search(count), n_static - 1), 0), ok
+
+
+def pixel_keys(rng: jax.Array, positions: jax.Array, pixels: int) -> jax.Array:
+  """[b * pixels] uint32 random keys below 2^31, image i's from fold_in(rng, positions[i]).
+
+  A pixel's key depends on its position in the global mini-batch only, so any split of the
+  images over devices draws the same keys. 31 random bits: ties, broken by pixel id in
+  `uniform_subset`, are rare even among millions of pixels.
+  """
+  bits = per_image(lambda key: jax.random.bits(key, (pixels,), jnp.uint32), rng, positions)
+  return (bits >> 1).reshape(-1)
+
+
+def uniform_subset(valid: jax.Array, k: int, keys: jax.Array, column: jax.Array,
+                   axis_name: AxisName = None) -> jax.Array:
+  """A uniform sample without replacement of min(k, n_valid) valid entries of each row.
+
+  The sample is the top k of i.i.d. random keys, found over the entries of all devices by
+  bisection with psum'd counts (`top_k_mask`), so it is the same set whatever the split: each
+  valid entry of a row with n valid entries is included with probability min(k, n) / n.
+
+  Args:
+    valid: [..., n] bool, this device's entries of each row.
+    k: static sample size per row.
+    keys: [n] uint32 keys below 2^32 - 1 (`pixel_keys`), broadcast over the rows.
+    column: [n] int ids distinct over all devices (ties of keys keep the lower ids).
+    axis_name: the rows' entries are spread over this mesh axis.
+  Returns:
+    [..., n] bool, this device's part of the sample.
+  """
+  return top_k_mask(jnp.broadcast_to(keys, valid.shape), valid, k, column=column,
+                    axis_name=axis_name)
+
+
+def batch_pool(valid: jax.Array, k: int, rng: jax.Array, positions: jax.Array,
+               axis_name: AxisName = None) -> jax.Array:
+  """A candidate pool from the pixels of the whole mini-batch: `uniform_subset` of each row.
+
+  Every valid pixel of a row (e.g. the pixels of one class) of the global mini-batch is in the
+  pool with the same probability min(k, n) / n, however its n pixels are spread over images and
+  devices. Keys from `pixel_keys`, ties broken by the pixels' global ids.
+
+  Args:
+    valid: [..., b * p] bool, this device's b images of p pixels each, flattened.
+    k: static pool size per row.
+    rng: PRNG key, the same on every device.
+    positions: [b] int, the images' positions in the global mini-batch.
+    axis_name: the mini-batch's images are split over this mesh axis.
+  Returns:
+    [..., b * p] bool, the pool members among this device's pixels.
+  """
+  b = positions.shape[0]
+  p = valid.shape[-1] // b
+  keys = pixel_keys(rng, positions, p)
+  column = (positions[:, None] * p + jnp.arange(p)).reshape(-1)
+  return uniform_subset(valid, k, keys, column, axis_name)
 
 
 class Anchors(NamedTuple):

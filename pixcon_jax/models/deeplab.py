@@ -74,7 +74,7 @@ class ASPP(layers.ConvNormModule):
     branches.append(layers.resize_bilinear(pooled, (h, w)))
     y = jnp.concatenate(branches, axis=-1)
     y = heads.ConvBNReLU(self.features, 3, name="project", **kw)(y, train)
-    return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(y)
+    return heads.dropout2d(self.dropout_rate, train=train, norm=self.norm)(y)
 
 
 class Refine(layers.ConvNormModule):

@@ -18,9 +18,11 @@ from pixcon_jax.models import layers
 from pixcon_jax.models.layers import ModuleDef
 
 
-def dropout2d(rate: float, *, train: bool) -> nn.Dropout:
-  """`nn.Dropout2d` on NHWC: one keep/drop decision per (image, channel), needs rng 'dropout'."""
-  return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)
+def dropout2d(rate: float, *, train: bool, norm: ModuleDef | None = None) -> nn.Module:
+  """`nn.Dropout2d` on NHWC (`layers.Dropout2d`: masks drawn per image from its position in the
+  global batch, whose mesh axis is `norm`'s BN axis); needs rng 'dropout' when training."""
+  return layers.Dropout2d(rate, axis_name=None if norm is None else layers.batch_axis(norm),
+                          deterministic=not train)
 
 
 class ConvBNReLU(layers.ConvNormModule):
@@ -77,7 +79,7 @@ class FCNHead(layers.ConvNormModule):
     x = layers.BNReLU(self.norm, name="1")(x, train)
     last = "2"
     if self.dropout is not None:
-      x = dropout2d(self.dropout, train=train)(x)
+      x = dropout2d(self.dropout, train=train, norm=self.norm)(x)
       last = "3"
     return self.conv(self.num_classes, 1, use_bias=self.final_bias, name=last)(x)
 
@@ -168,7 +170,7 @@ class SpatialOCR(layers.ConvNormModule):
     x = jnp.concatenate([context, feats.astype(context.dtype)], axis=-1)
     x = ConvBNReLU(self.out_channels, 1, **self.conv_norm(),
                    name="conv_bn_dropout")(x, train)
-    return dropout2d(self.dropout, train=train)(x)
+    return dropout2d(self.dropout, train=train, norm=self.norm)(x)
 
 
 def ocr_head(feats: jax.Array, aux_logits: jax.Array, num_classes: int, *, train: bool,

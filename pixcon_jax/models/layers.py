@@ -121,6 +121,46 @@ class ResidualModule(ConvNormModule):
     return {**self.conv_norm(), "residual_out": self.residual_out}
 
 
+def batch_axis(norm: ModuleDef) -> str | None:
+  """The mesh axis the batch is split over, as the model's BN knows it (`layer_defs`), or None."""
+  return getattr(norm, "keywords", {}).get("axis_name")
+
+
+class Dropout2d(nn.Module):
+  """`nn.Dropout2d` on NHWC: one keep/drop decision per (image, channel), needs rng 'dropout'.
+
+  Image i's decisions are drawn from fold_in(key, its position in the global mini-batch), with
+  the same 'dropout' key on every device: with `axis_name` (the mesh axis the batch is split
+  over, inside `shard_map`) this device's images sit at axis_index * b + [0, b). So the masks,
+  and everything computed from them (the predictions that pick the contrast's hard anchors),
+  do not depend on the number of devices.
+
+  Attributes:
+    rate: probability of dropping a channel.
+    axis_name: the batch's mesh axis, or None (this call's images are the whole batch).
+    deterministic: no dropout (evaluation).
+  """
+  rate: float
+  axis_name: str | None = None
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, h, w, C] -> the same, channels of each image zeroed or scaled by 1 / (1 - rate)."""
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    key = self.make_rng("dropout")
+    b = x.shape[0]
+    first = 0 if self.axis_name is None else lax.axis_index(self.axis_name) * b
+    draw = lambda pos: jax.random.bernoulli(jax.random.fold_in(key, pos), 1.0 - self.rate,
+                                            (x.shape[-1],))
+    keep = jax.vmap(draw)(first + jnp.arange(b))  # [B, C]
+    scaled = x / jnp.asarray(1.0 - self.rate, x.dtype)
+    return jnp.where(keep[:, None, None, :], scaled, jnp.zeros_like(x))
+
+
 class BNReLU(nn.Module):
   """BN then ReLU, named like the official `BNReLU` (`nn.Sequential(BN, ReLU)`): BN params sit under `0`."""
   norm: ModuleDef = BatchNorm

@@ -367,6 +367,7 @@ KEYS: dict[str, Rule] = {
     "contrast.num_positives": integer(1),
     "contrast.num_negatives": integer(1),
     "contrast.semi_hard_fraction": number(0.0, 1.0, low_open=True),
+    "contrast.semi_hard_at_least_k": flag(),
     "contrast.top_k": one_of(choices.TOP_K_IMPLS),
     "contrast.positive_pool": integer(1),
     "contrast.negative_pool": integer(1),
@@ -407,6 +408,8 @@ KEYS: dict[str, Rule] = {
     "log.every_steps": integer(1),
     "log.profile": flag(),
     "log.embedding_health": flag(),
+    "log.collapse_gap": number(0.0, low_open=True),
+    "log.collapse_patience": integer(0),
 }
 
 

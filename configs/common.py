@@ -112,7 +112,7 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.memory.region_mode = "indexed"  # indexed (C x N, paper) | fifo.
   c.memory.region_queue_size = 0  # Per-class FIFO size for region_mode='fifo'.
   # The released memory recipe only (`:official_mem`, contrast/official_mem.py), released values;
-  # its quirks are listed in docs/ABLATIONS.md "Departures: released memory recipe".
+  # its quirks are listed in docs/ABLATIONS.md "Departures".
   c.memory.official_queue_size = 5000  # `memory_size`: entries per class of each queue (segment, pixel).
   c.memory.official_label_stride = 8  # `network.stride`: labels[:, ::s, ::s] read against stride-4 HRNet keys; 4 aligns them.
   c.memory.official_pixel_ptr_step = "one"  # one (released: +1 per write of K keys) | count (+K, a FIFO).

@@ -9,7 +9,7 @@ The released memory is two per-class queues of `memory_size` (5000) entries each
 (per-image class means) and a pixel queue, that start as random unit vectors. The loss contrasts
 one anchor view per (image, class) (`max_views` 1, the anchor sampling of `official.py`) with the
 whole of both queues only (no in-batch contrast), at tau = base tau = 0.07. Its quirks, each
-reproduced here and listed in docs/ABLATIONS.md ("Departures: released memory recipe"):
+reproduced here and listed in docs/ABLATIONS.md ("Departures"):
 
   1. The queue pointer of the pixel queue advances by 1 per write of K (<= 10) keys, so successive
      writes overwrite each other (`ptr_step='one'`); a write that reaches the end goes to the last

@@ -74,3 +74,22 @@ def run_main(*args: str) -> tuple[int, list[str]]:
     for name, value in quiet.items():
       logging.getLogger(name).setLevel(value)
   return code, [line for line in err.getvalue().splitlines() if line.strip()]
+
+
+def load_script(name: str) -> Any:
+  """scripts/<name>.py as a module, loaded once per process (its absl flags are defined once).
+
+  Several test files load the same script in one pytest worker; a second execution would define
+  its absl flags again (DuplicateFlagError).
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  module_name = f"pixcon_scripts_{name}"
+  if module_name not in sys.modules:
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+  return sys.modules[module_name]

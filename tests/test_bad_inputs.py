@@ -29,7 +29,9 @@ from pixcon_jax import config_schema
 from pixcon_jax import log_filters
 from pixcon_jax import main as main_lib
 from pixcon_jax import predict
+from pixcon_jax import segment
 from pixcon_jax import validation
+import helpers
 from helpers import run_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -657,7 +659,7 @@ def test_predict_checks_its_output_dir_before_building_the_model(tmp_path, monke
   def no_model(*args, **kwargs):
     raise AssertionError("the model was built before the output folder was checked")
 
-  monkeypatch.setattr(predict.setup, "for_inference", no_model)
+  monkeypatch.setattr(segment.setup, "for_inference", no_model)
   with pytest.raises(validation.ConfigError, match="config.predict.output_dir='/proc/pixcon_pred'"):
     predict.predict_folder(config, str(tmp_path / "w"))
   # A folder that can be created passes, and the check leaves nothing behind.
@@ -753,10 +755,7 @@ def test_convert_checkpoint_text_file_as_pth_without_torch_is_one_line(tmp_path,
                   f"pickle written by torch.save); give the official .pth, or an .npz of its "
                   f"state_dict")
   # A real-looking .pth (a pickle) without torch installed: the fix is named, as an InputError.
-  spec = importlib.util.spec_from_file_location("convert_checkpoint_h28b",
-                                                REPO / "scripts" / "convert_checkpoint.py")
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = helpers.load_script("convert_checkpoint")
   pth = tmp_path / "model.pth"
   pth.write_bytes(b"\x80\x04N.")  # pickle.dumps(None)
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError

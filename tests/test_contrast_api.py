@@ -42,13 +42,15 @@ def _batch(seed=0, grid=(6, 6), label_scale=2):
   return jnp.asarray(emb), jnp.asarray(label, jnp.int32), jnp.asarray(logits)
 
 
-def test_make_settings_keeps_paper_defaults_and_routes_overrides():
+def test_make_settings_keeps_the_config_defaults_and_routes_overrides():
   s = contrast.make_settings(19, temperature=0.07, sources=["batch", "pixel_memory"],
                              pixels_per_class=5, region_mode="fifo", region_queue_size=7)
-  # Paper values (Sec. 3.3, 4.1) wherever nothing was given.
+  # The config's defaults wherever nothing was given: the paper's values (Sec. 3.3, 4.1) but
+  # random mining (docs/ABLATIONS.md "Departures").
   assert (s.loss.anchors_per_class, s.loss.num_positives, s.loss.num_negatives) == (50, 1024, 2048)
   assert (s.loss.anchor_sampling, s.loss.mining, s.loss.semi_hard_fraction) == (
-      "seg_aware_hard", "semi_hard", 0.1)
+      "seg_aware_hard", "random", 0.1)
+  assert contrast.make_settings(19).loss.sources == ("pixel_memory", "region_memory")
   assert s.memory.pixel_queue_size is None  # T = 10 N
   assert (s.num_classes, s.loss.temperature, s.loss.sources) == (19, 0.07,
                                                                   ("batch", "pixel_memory"))

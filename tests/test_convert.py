@@ -168,11 +168,7 @@ def official_pth(tmp_path, tiny):
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("convert_checkpoint_script",
-                                                REPO / "scripts" / "convert_checkpoint.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("convert_checkpoint")
 
 
 def test_official_checkpoint_converts_for_the_model_its_config_dict_names(official_pth, tiny,

@@ -5,6 +5,7 @@ import types
 
 import pytest
 
+from pixcon_jax import sharding
 from pixcon_jax import train
 
 REAL = ("cityscapes_hrnet", "cityscapes_hrnet_ocr", "cityscapes_resnet101_deeplabv3",
@@ -38,8 +39,8 @@ class _Stop(Exception):
 def test_train_logs_the_warning_once_before_initialising(monkeypatch, tmp_path, caplog):
   """train_and_evaluate up to the fresh state, with everything it builds stubbed (no compile)."""
   c = _config("cityscapes_hrnet", "runlocal")
-  monkeypatch.setattr(train.setup, "for_training",
-                      lambda config: types.SimpleNamespace(batch_per_process=1, batch_per_device=1))
+  monkeypatch.setattr(train.setup, "for_training", lambda config, mesh=None: types.SimpleNamespace(
+      batch_per_process=1, batch_per_device=1, mesh=sharding.make_mesh()))
   monkeypatch.setattr(train.setup, "abstract_state", lambda exp: None)
   monkeypatch.setattr(train.data_lib, "make_train_iterator", lambda *a, **k: None)
   monkeypatch.setattr(train.checkpointing, "make_manager",

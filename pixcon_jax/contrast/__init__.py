@@ -3,7 +3,7 @@
 The public API (`__all__`, from `contrast/api.py`) is what a JAX user needs in their own train
 step; docs/LIBRARY.md walks through it and examples/own_model.py runs it:
 
-- settings: `make_settings(num_classes, **overrides)` (paper defaults) or
+- settings: `make_settings(num_classes, **overrides)` (configs/common.py's defaults) or
   `settings_from_config(config)` -> `PixelContrastSettings` (`ContrastSettings` of the loss,
   `MemorySettings` of the bank);
 - state: `create_memory(settings=, dim=, num_images=)` -> `MemoryBank` (a pytree);

@@ -2,7 +2,7 @@
 
 Four pure functions and one settings object, re-exported from `pixcon_jax.contrast`:
 
-    settings = contrast.make_settings(num_classes=19)          # paper defaults, any override
+    settings = contrast.make_settings(num_classes=19)          # the config's defaults, any override
     memory = contrast.create_memory(settings=settings, dim=256, num_images=2975)
     # in the step (jitted; inside shard_map / pmap pass axis_name):
     loss, metrics = contrast.contrast_loss(embedding, label, memory, key, settings=settings,
@@ -100,7 +100,11 @@ def _field_names(cls) -> tuple[str, ...]:
 
 
 def make_settings(num_classes: int, **overrides: Any) -> PixelContrastSettings:
-  """Settings from keyword arguments; every setting not given keeps the paper's value.
+  """Settings from keyword arguments; every setting not given keeps configs/common.py's default.
+
+  Those are the paper's values except the departures of docs/ABLATIONS.md (random positives and
+  negatives; `mining="semi_hard"` is the paper's): one default per knob, in the dataclasses and
+  the config alike.
 
   Args:
     num_classes: C, the classes of the label maps (labels outside [0, C) are ignored).

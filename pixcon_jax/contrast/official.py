@@ -222,6 +222,35 @@ def official_contrastive_core(
   return loss, metrics
 
 
+def anchor_view_rows(embedding, label, predict, rng, *, num_classes, max_samples, max_views,
+                     ignore_label=255):
+  """The released anchor sampling packed into static rows (shared by both released recipes).
+
+  Row r is view r % n_view of anchor r // n_view; only class equality defines positives, so
+  the layout does not change the loss.
+
+  Args:
+    embedding: [B, h, w, D]; label: [B, H, W] (aligned to the grid here); predict: [B, h, w].
+  Returns:
+    (sample, feats [R, D], anchor [R], view [R], row_valid [R]) with R = min(max_samples,
+    slots * max_views).
+  """
+  batch, h, w, dim = embedding.shape
+  label = downsample_labels(label, (h, w))
+  sample = official_anchor_sampling(label, predict, rng, num_classes=num_classes,
+                                    max_samples=max_samples, max_views=max_views,
+                                    ignore_label=ignore_label)
+  num_slots = sample.valid.shape[0]
+  rows = min(max_samples, num_slots * max_views)
+  r = jnp.arange(rows, dtype=jnp.int32)
+  n_view = jnp.maximum(sample.n_view, 1)
+  anchor = jnp.minimum(r // n_view, num_slots - 1)
+  view = r % n_view
+  row_valid = r < sample.num_anchors * sample.n_view
+  feats = embedding.reshape(batch, h * w, dim)[sample.image[anchor], sample.pixel[anchor, view]]
+  return sample, feats, anchor, view, row_valid
+
+
 def official_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Array,
                            rng: jax.Array, *, num_classes: int = 19, temperature: float = 0.1,
                            base_temperature: float = 0.07, max_samples: int = 1024,
@@ -242,26 +271,14 @@ def official_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.
     `valid_anchor_fraction` (of the B*C anchor slots), `n_view`, `num_rows`,
     `num_rows_without_positive`).
   """
-  batch, h, w, dim = embedding.shape
-  label = downsample_labels(label, (h, w))
-  sample = official_anchor_sampling(label, predict, rng, num_classes=num_classes,
-                                    max_samples=max_samples, max_views=max_views,
-                                    ignore_label=ignore_label)
-  # Pack the valid (anchor, view) pairs into static rows: row r is view r % n_view of anchor
-  # r // n_view. Only class equality defines positives, so the layout does not change the loss.
-  num_slots = sample.valid.shape[0]
-  rows = min(max_samples, num_slots * max_views)
-  r = jnp.arange(rows, dtype=jnp.int32)
-  n_view = jnp.maximum(sample.n_view, 1)
-  anchor = jnp.minimum(r // n_view, num_slots - 1)
-  view = r % n_view
-  row_valid = r < sample.num_anchors * sample.n_view
-  feats = embedding.reshape(batch, h * w, dim)[sample.image[anchor], sample.pixel[anchor, view]]
+  sample, feats, anchor, view, row_valid = anchor_view_rows(
+      embedding, label, predict, rng, num_classes=num_classes, max_samples=max_samples,
+      max_views=max_views, ignore_label=ignore_label)
   loss, metrics = official_contrastive_core(
       feats[:, None, :], sample.cls[anchor], row_valid[:, None], temperature=temperature,
       base_temperature=base_temperature)
   metrics.update(contrast_loss=loss, num_valid_anchors=sample.num_anchors, n_view=sample.n_view,
-                 valid_anchor_fraction=sample.num_anchors / float(num_slots))
+                 valid_anchor_fraction=sample.num_anchors / float(sample.valid.shape[0]))
   return loss, metrics
 
 

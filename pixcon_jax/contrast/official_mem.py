@@ -38,9 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pixcon_jax.contrast import official
 from pixcon_jax.contrast import sampling
-from pixcon_jax.contrast.labels import downsample_labels
-from pixcon_jax.contrast.official import official_anchor_sampling
 
 # log(0) stand-in: softplus(-1e30 - s) is exactly 0 with a zero gradient (as official.py).
 _LOG_ZERO = -1e30
@@ -282,23 +281,13 @@ def official_mem_contrast_loss(embedding: jax.Array, label: jax.Array, predict: 
     (loss scalar, metrics with `contrast_loss`, `num_valid_anchors`, `valid_anchor_fraction`,
     `n_view`, `num_rows`). No anchor: loss 0 (the released code crashes).
   """
-  batch, h, w, dim = embedding.shape
-  label = downsample_labels(label, (h, w))
-  sample = official_anchor_sampling(label, predict, rng, num_classes=num_classes,
-                                    max_samples=max_samples, max_views=max_views,
-                                    ignore_label=ignore_label)
-  num_slots = sample.valid.shape[0]
-  rows = min(max_samples, num_slots * max_views)
-  r = jnp.arange(rows, dtype=jnp.int32)
-  n_view = jnp.maximum(sample.n_view, 1)
-  anchor = jnp.minimum(r // n_view, num_slots - 1)
-  view = r % n_view
-  row_valid = r < sample.num_anchors * sample.n_view
-  feats = embedding.reshape(batch, h * w, dim)[sample.image[anchor], sample.pixel[anchor, view]]
+  sample, feats, anchor, view, row_valid = official.anchor_view_rows(
+      embedding, label, predict, rng, num_classes=num_classes, max_samples=max_samples,
+      max_views=max_views, ignore_label=ignore_label)
   keys, key_labels, num_zero = contrast_set(queues, skip_class0=skip_class0)
   loss, num_rows = queue_contrastive(
       feats, sample.cls[anchor], view * sample.num_anchors + anchor, row_valid, keys, key_labels,
       num_zero, temperature=temperature, base_temperature=base_temperature)
   return loss, {"contrast_loss": loss, "num_valid_anchors": sample.num_anchors,
-                "valid_anchor_fraction": sample.num_anchors / float(num_slots),
+                "valid_anchor_fraction": sample.num_anchors / float(sample.valid.shape[0]),
                 "n_view": sample.n_view, "num_rows": num_rows}

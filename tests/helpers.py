@@ -93,3 +93,33 @@ def load_script(name: str) -> Any:
     spec.loader.exec_module(module)
     sys.modules[module_name] = module
   return sys.modules[module_name]
+
+
+# A 4-32 channel HRNet: configs/demo.py's topology with a seconds-long compile.
+TINY_HRNET = dict(widths=(4, 8, 16, 32), stage_modules=(1, 1, 1), num_blocks=1, stem_width=8,
+                  layer1_planes=4, layer1_blocks=1)
+
+
+def tiny_demo_config(**overrides: Any) -> Any:
+  """configs/demo.py:runlocal shrunk to a seconds-long init (TINY_HRNET, 32x32 crops)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+  spec = importlib.util.spec_from_file_location("demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("runlocal")
+  c.model.overrides = ml_collections.ConfigDict(dict(TINY_HRNET, **overrides))
+  c.model.proj_dim = 8
+  c.data.batch_size = 2
+  c.data.crop_size = (32, 32)
+  c.data.synthetic_size = (32, 64)
+  c.data.eval_pad_size = (32, 64)
+  c.data.synthetic_num_train = 4
+  c.data.synthetic_num_val = 2
+  c.data.eval_batch_size = 2
+  c.data.worker_count = 0
+  c.memory.pixel_queue_size = 16
+  c.checkpoint.async_save = False
+  return c

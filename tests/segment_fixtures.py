@@ -2,7 +2,6 @@
 tests/test_export.py): a tiny run directory and a converted golden checkpoint, no training."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -11,30 +10,16 @@ import jax
 import ml_collections
 import numpy as np
 
+import helpers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(widths=(4, 8, 16, 32), stage_modules=(1, 1, 1), num_blocks=1, stem_width=8,
             layer1_planes=4, layer1_blocks=1)
 
 
 def tiny_config() -> ml_collections.ConfigDict:
-  """configs/demo.py:runlocal shrunk to a seconds-long compile (4-32 channel HRNet)."""
-  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
-  c.model.overrides = ml_collections.ConfigDict(TINY)
-  c.model.proj_dim = 8
-  c.data.batch_size = 2
-  c.data.crop_size = (32, 32)
-  c.data.synthetic_size = (32, 64)
-  c.data.eval_pad_size = (32, 64)
-  c.data.synthetic_num_train = 4
-  c.data.synthetic_num_val = 2
-  c.data.eval_batch_size = 2
-  c.data.worker_count = 0
-  c.memory.pixel_queue_size = 16
-  c.checkpoint.async_save = False
-  return c
+  """configs/demo.py:runlocal shrunk to a seconds-long compile (helpers.tiny_demo_config)."""
+  return helpers.tiny_demo_config()
 
 
 def _random_like(tree, seed: int):

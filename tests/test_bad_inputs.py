@@ -7,7 +7,6 @@ restore, init_from, predict, prepare_data), and a subprocess of `pixcon_jax.main
 code and the last line of output are (flag parsing, the early config check). One tiny workdir
 with two checkpoints, written without training, serves the checkpoint cases.
 """
-import importlib.util
 import logging
 import os
 import pathlib
@@ -104,24 +103,8 @@ def test_a_failed_start_leaves_no_new_workdir(tmp_path, monkeypatch):
 
 
 def demo_config(**overrides) -> ml_collections.ConfigDict:
-  """configs/demo.py:runlocal shrunk to a seconds-long init (4-32 channel HRNet, 32x32 crops)."""
-  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
-  c.model.overrides = ml_collections.ConfigDict(dict(TINY, **overrides))
-  c.model.proj_dim = 8
-  c.data.batch_size = 2
-  c.data.crop_size = (32, 32)
-  c.data.synthetic_size = (32, 64)
-  c.data.eval_pad_size = (32, 64)
-  c.data.synthetic_num_train = 4
-  c.data.synthetic_num_val = 2
-  c.data.eval_batch_size = 2
-  c.data.worker_count = 0
-  c.memory.pixel_queue_size = 16
-  c.checkpoint.async_save = False
-  return c
+  """configs/demo.py:runlocal shrunk to a seconds-long init (helpers.tiny_demo_config)."""
+  return helpers.tiny_demo_config(**overrides)
 
 
 def _main(*args, timeout=120):

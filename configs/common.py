@@ -90,12 +90,14 @@ def base_config(*, model: str, dataset: str, num_classes: int, crop_size: Sequen
   c.contrast.scope = "inter"  # inter (cross-image, paper) | intra (within each image), Table 1.
   c.contrast.anchor_sampling = "seg_aware_hard"  # random | seg_aware_hard (Table 3).
   c.contrast.anchors_per_class = 50  # Anchors per class per mini-batch.
-  # random | hardest | semi_hard (Table 3). Paper: semi_hard, which collapses the embedding when
-  # classes overlap (docs/ABLATIONS.md, "When the embedding collapses"); random does not.
+  # random | hardest | semi_hard (Table 3) | hardness_weighted (beyond the paper). Paper: semi_hard,
+  # which collapses the embedding when classes overlap (docs/ABLATIONS.md, "When the embedding
+  # collapses"); random does not.
   c.contrast.mining = "random"
   c.contrast.num_positives = 1024  # K positives per anchor.
   c.contrast.num_negatives = 2048  # K negatives per anchor.
   c.contrast.semi_hard_fraction = 0.1  # Top 10% hardest, then K at random.
+  c.contrast.mining_temperature = 0.2  # hardness_weighted: draw probability ~ exp(hardness / T).
   c.contrast.semi_hard_at_least_k = True  # Semi-hard keeps >= K hardest when the top 10% of a pool is smaller.
   c.contrast.top_k = "bisect"  # mining top-k: bisect (exact, no sort) | sort (lax.top_k) | approx (TPU).
   c.contrast.positive_pool = 10240  # Candidate pool per class for positives (10 x K+).

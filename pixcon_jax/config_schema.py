@@ -368,6 +368,7 @@ KEYS: dict[str, Rule] = {
     "contrast.num_negatives": integer(1),
     "contrast.semi_hard_fraction": number(0.0, 1.0, low_open=True),
     "contrast.semi_hard_at_least_k": flag(),
+    "contrast.mining_temperature": number(0.0, low_open=True),
     "contrast.top_k": one_of(choices.TOP_K_IMPLS),
     "contrast.positive_pool": integer(1),
     "contrast.negative_pool": integer(1),

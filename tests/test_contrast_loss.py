@@ -179,7 +179,7 @@ def test_pools_smaller_than_bank_give_k_samples():
   assert float(metrics["num_valid_anchors"]) == 3 * C
 
 
-@pytest.mark.parametrize("mining", ["semi_hard", "hardest", "random"])
+@pytest.mark.parametrize("mining", ["semi_hard", "hardest", "random", "hardness_weighted"])
 def test_bisect_and_sort_selection_give_the_same_loss_and_gradient(mining):
   emb, label, predict, image_id, memory = _case(seed=5, h=8, w=8)
   memory = memory.replace(pixel_valid=jnp.ones_like(memory.pixel_valid))
@@ -203,6 +203,8 @@ def test_settings_reject_bad_values():
     loss_lib.ContrastSettings(scope="intra")
   with pytest.raises(ValueError, match="mining"):
     loss_lib.ContrastSettings(mining="hard")
+  with pytest.raises(ValueError, match="mining_temperature"):
+    loss_lib.ContrastSettings(mining_temperature=0.0)
   # The one way from a config to settings: keys matched by name, other keys ignored.
   import ml_collections  # pylint: disable=g-import-not-at-top
   from pixcon_jax import objective  # pylint: disable=g-import-not-at-top

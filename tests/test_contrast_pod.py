@@ -89,6 +89,7 @@ _SCRIPT = textwrap.dedent("""
         "random": dict(mining="random"),
         "semi_hard": dict(mining="semi_hard", sources=("batch", "region_memory"), class_block=2),
         "semi_hard_draw": dict(mining="semi_hard", num_positives=2, num_negatives=4),
+        "hardness_weighted": dict(mining="hardness_weighted", num_positives=2, num_negatives=4),
         "hardest_pooled": dict(mining="hardest", anchor_sampling="random"),
         "hardest_exact": dict(mining="hardest", positive_pool=4096, negative_pool=8192,
                               batch_pool_fraction=0.5),

@@ -174,7 +174,7 @@ def test_mine_selects_valid_extremes(top_k):
   valid = rng.uniform(size=(6, 50)) < 0.6
   valid[5] = False  # an anchor with nothing to choose
   key = jax.random.key(0)
-  for mode in ("random", "hardest", "semi_hard"):
+  for mode in ("random", "hardest", "semi_hard", "hardness_weighted"):
     for harder in ("low", "high"):
       sel = sampling.mine_mask(jnp.asarray(sim), jnp.asarray(valid), key, num=4, mode=mode,
                                harder=harder, fraction=0.3, top_k=top_k)
@@ -203,6 +203,29 @@ def test_mine_semi_hard_random_within_top_fraction():
     picks |= set(np.round(np.asarray(sim[0][sel[0]]), 5))
   top10 = set(np.round(np.asarray(sim[0, -10:]), 5))
   assert picks <= top10 and len(picks) > 3  # random among the top 10%, not always the same
+
+
+@pytest.mark.parametrize("harder", ["low", "high"])
+def test_mine_hardness_weighted_draws_in_proportion_to_exp_hardness(harder):
+  # One draw per anchor row: entry j is taken with probability softmax(hardness / T)_j over the
+  # valid entries (the Gumbel top-k property). 20000 independent rows, 4-sigma bounds.
+  temperature, rows = 0.25, 20000
+  sim_row = np.array([-0.6, -0.2, 0.0, 0.1, 0.3, 0.5, 0.9, 0.95], np.float32)
+  valid_row = np.array([1, 1, 1, 1, 1, 1, 1, 0], bool)
+  sim = jnp.asarray(np.broadcast_to(sim_row, (rows, 8)))
+  valid = jnp.asarray(np.broadcast_to(valid_row, (rows, 8)))
+  sel = np.asarray(jax.jit(functools.partial(
+      sampling.mine_mask, num=1, mode="hardness_weighted", harder=harder,
+      temperature=temperature))(sim, valid, jax.random.key(7)))
+  assert (sel.sum(-1) == 1).all() and not sel[:, ~valid_row].any()
+  hardness = -sim_row if harder == "low" else sim_row
+  p = np.where(valid_row, np.exp(hardness / temperature), 0.0)
+  p /= p.sum()
+  freq = sel.mean(0)
+  bound = 4 * np.sqrt(p * (1 - p) / rows) + 1e-9
+  assert (np.abs(freq - p) <= bound).all(), (freq, p)
+  # Neither the uniform draw nor the hardest: the easiest valid entry is still drawn.
+  assert freq[np.argmin(np.where(valid_row, hardness, np.inf))] > 0
 
 
 def test_mine_semi_hard_with_pool_of_ten_k_is_the_hardest_k():

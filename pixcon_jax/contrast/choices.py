@@ -9,8 +9,9 @@ SOURCES = ("batch", "pixel_memory", "region_memory")
 SCOPES = ("inter", "intra")
 # Anchor sampling (Table 3): uniform, or half mispredicted pixels (segmentation-aware hard).
 ANCHOR_SAMPLINGS = ("random", "seg_aware_hard")
-# Positive / negative sampling (Table 3).
-MININGS = ("random", "hardest", "semi_hard")
+# Positive / negative sampling (Table 3), and a soft hard miner beyond the paper
+# (docs/ABLATIONS.md, "Hard mining that does not collapse").
+MININGS = ("random", "hardest", "semi_hard", "hardness_weighted")
 # How mining selects its top-k set (`sampling.top_k_mask`).
 TOP_K_IMPLS = ("bisect", "sort", "approx")
 # Which loss the objective adds: Eq. 3 with memory (paper), the released in-batch code (official)

@@ -138,10 +138,13 @@ class ContrastSettings:
     scope: 'inter' (across images) or 'intra' (anchor's own image only, batch source only; Table 1).
     anchor_sampling: 'random' or 'seg_aware_hard' (half mispredicted pixels).
     anchors_per_class: anchors per class per (per-device) mini-batch (paper 50).
-    mining: 'random', 'hardest' or 'semi_hard' positive/negative sampling (Table 3).
+    mining: 'random', 'hardest' or 'semi_hard' positive/negative sampling (Table 3), or
+      'hardness_weighted' (beyond the paper: K drawn with probability ~ exp(hardness / T)).
     num_positives: K+ (paper 1024).
     num_negatives: K- (paper 2048).
     semi_hard_fraction: the hardest fraction kept before random sampling (paper 0.1).
+    mining_temperature: T of 'hardness_weighted' mining, on the cosine scale (large: random;
+      small: hardest).
     semi_hard_at_least_k: keep at least min(K, n) hardest before the random draw, so a pool whose
       top fraction is smaller than K (e.g. a class's share of the shared negative pool, or an
       early, small bank) still yields K samples; the paper's bank (top 10% of ~600k) always holds
@@ -169,6 +172,7 @@ class ContrastSettings:
   num_positives: int = 1024
   num_negatives: int = 2048
   semi_hard_fraction: float = 0.1
+  mining_temperature: float = 0.2
   semi_hard_at_least_k: bool = True
   top_k: str = "bisect"
   positive_pool: int = 10240
@@ -198,6 +202,8 @@ class ContrastSettings:
       raise ValueError(f"mining must be one of {choices.MININGS}, got {self.mining!r}")
     if self.top_k not in choices.TOP_K_IMPLS:
       raise ValueError(f"top_k must be one of {choices.TOP_K_IMPLS}, got {self.top_k!r}")
+    if not self.mining_temperature > 0.0:
+      raise ValueError(f"mining_temperature must be > 0, got {self.mining_temperature}")
     if not 0.0 < self.semi_hard_fraction <= 1.0:
       raise ValueError(f"semi_hard_fraction must be in (0, 1], got {self.semi_hard_fraction}")
     if not 0.0 <= self.batch_pool_fraction <= 1.0:
@@ -531,7 +537,7 @@ def pixel_contrast_loss(embedding: jax.Array, label: jax.Array, predict: jax.Arr
       sel = sampling.mine_mask(
           sim, ok & x["anchor_valid"][:, None], key, num=num, mode=s.mining, harder=harder,
           fraction=fraction, top_k=s.top_k, at_least_num=s.semi_hard_at_least_k, column=column,
-          axis_name=axis_name)
+          temperature=s.mining_temperature, axis_name=axis_name)
       # Saved for the backward pass (see _REMAT_POLICY), so that it recomputes no selection.
       return checkpoint_name(sel, _KEPT)
 

@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pixcon_jax.contrast import choices
 from pixcon_jax.contrast import collectives
 from pixcon_jax.contrast.collectives import AxisName
 
 TopK = Literal["exact", "approx"]
 Selection = Literal["bisect", "sort", "approx"]
-Mining = Literal["random", "hardest", "semi_hard"]
+Mining = Literal["random", "hardest", "semi_hard", "hardness_weighted"]
 AnchorSampling = Literal["random", "seg_aware_hard"]
 
 _NEG_INF = -jnp.inf
@@ -572,14 +573,17 @@ def weighted_top_mask(score: jax.Array, valid: jax.Array, weight: jax.Array, k: 
 def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mode: Mining,
               harder: Literal["low", "high"], fraction: float = 0.1, top_k: Selection = "bisect",
               at_least_num: bool = False, column: jax.Array | None = None,
-              axis_name: AxisName = None) -> jax.Array:
+              temperature: float = 0.2, axis_name: AxisName = None) -> jax.Array:
   """Selects per anchor `num` entries of a similarity block (paper Sec. 3.2); returns a mask.
 
   Modes: 'random' -- uniform among the valid entries; 'hardest' -- the `num` hardest;
   'semi_hard' -- the ceil(fraction * n_valid) hardest, then `num` uniformly among them (with
   `at_least_num`, the top part holds at least min(num, n_valid) entries, so a pool whose top
-  fraction is smaller than `num` still yields `num` samples). Harder means lower similarity for
-  positives (`harder='low'`), higher for negatives ('high').
+  fraction is smaller than `num` still yields `num` samples); 'hardness_weighted' (beyond the
+  paper) -- `num` drawn without replacement with probability proportional to
+  exp(hardness / temperature) (Gumbel top-k: every entry can be drawn, harder ones more often, no
+  top-k cut). Harder means lower similarity for positives (`harder='low'`), higher for negatives
+  ('high').
 
   A mask rather than indices: the loss then reads the selected similarities in place (masked
   reductions over the block), so its gradient is a dense, masked one through the block matmul --
@@ -593,6 +597,8 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
     top_k: selection implementation, see `top_k_mask`.
     column: optional [Q] int ids of the candidates: the random draws of a candidate then depend
       only on its id (`column_uniform`), not on which device holds it.
+    temperature: 'hardness_weighted' only: the draw's temperature on the similarity scale (large:
+      random; small: hardest).
     axis_name: the candidates are spread over this mesh axis (each device passes its own [A, Q]).
   Returns:
     [A, Q] bool with min(num, n_valid) entries per row (semi-hard: min(num, m)).
@@ -602,16 +608,24 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
   hardness = -sim if harder == "low" else sim
   select = functools.partial(top_k_mask, impl=top_k, axis_name=axis_name, column=column)
 
-  def uniform():
+  def raw_uniform():
     if column is None:
-      u = jax.random.uniform(rng, sim.shape)
-    else:
-      u = column_uniform(rng, column, sim.shape[0])
+      return jax.random.uniform(rng, sim.shape)
+    return column_uniform(rng, column, sim.shape[0])
+
+  def uniform():
     # The same selection as u's, with a shorter bisection (see `uniform_rank`).
+    u = raw_uniform()
     return uniform_rank(u) if top_k == "bisect" else u
 
   if mode == "random":
     return select(uniform(), valid, num)
+  if mode == "hardness_weighted":
+    # Perturbed by Gumbel noise, the top `num` scores are a draw without replacement with
+    # probabilities proportional to exp(hardness / temperature) (Plackett-Luce).
+    u = jnp.clip(raw_uniform(), jnp.finfo(jnp.float32).tiny, 1.0 - 2.0 ** -24)
+    gumbel = -jnp.log(-jnp.log(u))
+    return select(hardness.astype(jnp.float32) / temperature + gumbel, valid, num)
   if mode == "hardest":
     return select(hardness, valid, num)
   if mode == "semi_hard":
@@ -626,4 +640,4 @@ def mine_mask(sim: jax.Array, valid: jax.Array, rng: jax.Array, *, num: int, mod
     if num >= top:
       return top_mask  # the whole top part is the sample (pool = K / fraction: the default)
     return select(uniform(), top_mask, num)
-  raise ValueError(f"mining must be 'random', 'hardest' or 'semi_hard', got {mode!r}")
+  raise ValueError(f"mining must be one of {choices.MININGS}, got {mode!r}")

@@ -85,6 +85,8 @@ VARIANTS: dict[str, list[tuple[str, str, dict[str, Any], float | None]]] = {
         ("semi_hard", "Semi-Hard (paper)", {"contrast.mining": "semi_hard"}, 81.0),
         ("hardness_weighted_t0.2", "Hardness-weighted, T = 0.2",
          {"contrast.mining": "hardness_weighted", "contrast.mining_temperature": 0.2}, None),
+        ("hardness_weighted_t0.5", "Hardness-weighted, T = 0.5",
+         {"contrast.mining": "hardness_weighted", "contrast.mining_temperature": 0.5}, None),
         ("hardness_weighted_t0.1", "Hardness-weighted, T = 0.1",
          {"contrast.mining": "hardness_weighted", "contrast.mining_temperature": 0.1}, None),
     ],

@@ -1,5 +1,5 @@
 """Helpers only the tests use: the inverse weight conversion, a CLU-style metric constructor,
-and `pixcon_jax.main` run in the test's own process.
+`pixcon_jax.main` run in the test's own process, and the environment of a JAX subprocess.
 
 Importable from any test module (pytest puts tests/ on sys.path: `import helpers`).
 """
@@ -42,6 +42,33 @@ def confusion_metric(*, prediction: jax.Array, label: jax.Array, num_classes: in
   """`metrics.ConfusionMatrix` of one batch: prediction / label [B, H, W], mask [B, 1, 1] or None."""
   return metrics.ConfusionMatrix.from_confusion(
       metrics.confusion_matrix(prediction, label, num_classes, mask))
+
+
+def subprocess_env(*, devices: int | None = None, cache_dir: str | os.PathLike | None = None,
+                   **extra: str) -> dict[str, str]:
+  """The environment for a test's JAX subprocess: this process's, on the CPU, compiling fast.
+
+  XLA:CPU's backend optimisation is off: the test models are tiny, so compiling dominates, and
+  the HLO (so every counted FLOP and byte) is the same. Output is unbuffered.
+
+  Args:
+    devices: fake host CPU devices (`--xla_force_host_platform_device_count`); None: one.
+    cache_dir: a persistent compilation cache that every program enters, so that a later run of
+      the same program (a second seed, a resumed run) loads it instead of compiling.
+    **extra: further variables, set last.
+  Returns:
+    The variables, for `subprocess.run(..., env=...)`.
+  """
+  xla = "--xla_backend_optimization_level=0"
+  if devices is not None:
+    xla = f"--xla_force_host_platform_device_count={devices} {xla}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla, PYTHONUNBUFFERED="1")
+  if cache_dir is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(extra)
+  return env
 
 
 def run_main(*args: str) -> tuple[int, list[str]]:

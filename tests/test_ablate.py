@@ -10,6 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -144,7 +146,6 @@ def test_table2_on_demo_config_trains_each_variant_and_prints_table(tmp_path, ca
 
 def test_ablate_command_line_runs_a_table2_variant_and_prints_its_table(tmp_path):
   """The script's CLI (config file + overrides + --table/--variants) on one Table 2 variant."""
-  import os
   import subprocess
   tiny = ["--config.model.overrides.widths=(8,16,32,64)", "--config.model.overrides.stem_width=16",
           "--config.model.overrides.layer1_planes=8", "--config.model.proj_dim=16",
@@ -154,7 +155,7 @@ def test_ablate_command_line_runs_a_table2_variant_and_prints_its_table(tmp_path
   proc = subprocess.run(
       [sys.executable, str(REPO / "scripts" / "ablate.py"), "--config=configs/demo.py:runlocal",
        "--table=table2", "--variants=mini_batch", "--steps=1", f"--workdir={tmp_path}"] + tiny,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0"),
+      env=helpers.subprocess_env(),
       capture_output=True, text=True, timeout=900,
       cwd=str(REPO))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,7 +206,6 @@ def test_seeds_set_init_and_data_order_and_rows_report_mean_and_sample_std():
 def test_ablate_command_line_with_two_seeds_trains_each_seed_and_reports_mean_std(tmp_path):
   """--seeds=0,1: the baseline trains twice into baseline/seed0 and baseline/seed1 (different
   weights), and the JSON row's mean / std are those of its two per-seed mIoUs."""
-  import os
   import subprocess
   tiny = ["--config.model.overrides.widths=(8,16,32,64)", "--config.model.overrides.stem_width=16",
           "--config.model.overrides.layer1_planes=8", "--config.model.proj_dim=16",
@@ -213,10 +213,7 @@ def test_ablate_command_line_with_two_seeds_trains_each_seed_and_reports_mean_st
           "--config.data.synthetic_num_val=2", "--config.eval.max_batches=1",
           "--config.eval.num_summary_images=0", "--config.data.worker_count=0"]
   # The second seed reuses the first one's compiled programs through the persistent cache.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = helpers.subprocess_env(cache_dir=tmp_path / "jax_cache")
   out = tmp_path / "ablate"
   proc = subprocess.run(
       [sys.executable, str(REPO / "scripts" / "ablate.py"), "--config=configs/demo.py:runlocal",

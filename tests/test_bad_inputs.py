@@ -886,10 +886,7 @@ def _train_and_signal(workdir, cache, marker, *, timeout=600):
   """
   import time  # pylint: disable=g-import-not-at-top
   log_path = workdir.parent / f"{workdir.name}.log"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             XLA_FLAGS="--xla_backend_optimization_level=0",
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+  env = helpers.subprocess_env(cache_dir=cache)
   with open(log_path, "w") as log:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pixcon_jax.main", "--nohugepages",

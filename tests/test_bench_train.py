@@ -11,6 +11,8 @@ import stat
 import subprocess
 import sys
 
+import helpers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OFFICIAL = {"impl": "official_pytorch", "ce": {"step_s": 3.0}, "contrast": {"step_s": 4.0}}
 
@@ -27,8 +29,7 @@ def test_bench_train_prints_all_variants_their_overheads_and_the_official_compar
   cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--arg=runlocal",
          "--crop=32,64", "--steps=2", "--warmup=0", "--nohugepages",
          f"--official_repo={tmp_path}", f"--torch_python={_fake_torch_python(tmp_path)}"]
-  # Backend optimisation off: four compiles of a tiny HRNet dominate, and no time is asserted.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  env = helpers.subprocess_env()  # no time is asserted
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]

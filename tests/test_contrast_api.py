@@ -3,7 +3,6 @@ config, the memory's creation and update, the loss on labels and predictions of 
 same loss and memory inside shard_map and pmap as on one device (2 fake CPU devices, own process).
 """
 import importlib.util
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import helpers
 
 from pixcon_jax import contrast
 from pixcon_jax import objective
@@ -241,9 +242,7 @@ _DISTRIBUTED = textwrap.dedent("""
 
 
 def test_shard_map_and_pmap_give_the_single_device_loss_gradient_and_memory():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                                "--xla_backend_optimization_level=0")  # tiny: compile fast
+  env = helpers.subprocess_env(devices=2, PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-c", _DISTRIBUTED], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

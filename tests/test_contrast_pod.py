@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import helpers
+
 _SCRIPT = textwrap.dedent("""
     import dataclasses
     import functools
@@ -160,11 +162,8 @@ _SCRIPT = textwrap.dedent("""
 
 def test_global_loss_on_8_devices_equals_one_device_and_scales():
   scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-  # Backend optimisation off: compiling dominates; the HLO (and so the counted bytes and FLOPs) is
-  # the same.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-             PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
+  env = helpers.subprocess_env(
+      devices=8, PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
   proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
                         timeout=1200)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (

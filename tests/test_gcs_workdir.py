@@ -13,7 +13,6 @@ See docs/CLOUD_STORAGE.md.
 """
 import contextlib
 import json
-import os
 import pathlib
 import select
 import shutil
@@ -28,6 +27,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
+
+import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "pixcon-test"
@@ -187,14 +188,11 @@ def gcs():
                              + (root / "emulator.log").read_text()[-2000:]) from None
         time.sleep(0.2)
     proxy = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    env = dict(os.environ, https_proxy=proxy, HTTPS_PROXY=proxy, no_proxy="127.0.0.1,localhost",
-               NO_PROXY="127.0.0.1,localhost", CURL_CA_BUNDLE=str(cert),
-               GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator", TENSORSTORE_GCS_HTTP_URL=url,
-               STORAGE_EMULATOR_HOST=url, GCS_RETRY_CONFIG_MAX_RETRIES="2",
-               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-               XLA_FLAGS="--xla_backend_optimization_level=0",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+    env = helpers.subprocess_env(
+        cache_dir=root / "jax_cache", https_proxy=proxy, HTTPS_PROXY=proxy,
+        no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost", CURL_CA_BUNDLE=str(cert),
+        GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator", TENSORSTORE_GCS_HTTP_URL=url,
+        STORAGE_EMULATOR_HOST=url, GCS_RETRY_CONFIG_MAX_RETRIES="2")
     yield dict(url=url, env=env, root=root)
   finally:
     listener.close()

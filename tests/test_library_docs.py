@@ -14,7 +14,6 @@ The rules (for whoever writes snippets there):
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shutil
@@ -24,6 +23,8 @@ import tempfile
 import traceback
 
 import pytest
+
+import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "LIBRARY.md"
@@ -85,8 +86,7 @@ def demo_run():
   """The workdir of a tiny trained demo run (config.json, checkpoints, events)."""
   root = pathlib.Path(tempfile.mkdtemp(prefix="pixcon_library_docs_"))
   workdir = root / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_backend_optimization_level=0")  # tiny model: compile fast
+  env = helpers.subprocess_env()
   proc = subprocess.run(
       [sys.executable, "-m", "pixcon_jax.main", "--config=configs/demo.py:runlocal",
        f"--workdir={workdir}", *TINY_RUN], cwd=REPO, env=env, capture_output=True, text=True,

@@ -17,12 +17,20 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LOCAL = {"pixcon_jax", "configs", "scripts", "golden_parity", "xla_cost", "tests", "helpers"}
 # Imported inside a function, only on a path that says what to install when it is missing:
 # PyTorch runs the official code (fixture generation, checkpoint conversion, the torch baseline);
 # scipy reads COCO-Stuff's official .mat annotations; `lib` and `segmentor` are modules of the
 # official ContrastiveSeg checkout that scripts/make_official_mem_fixtures.py runs.
 OPTIONAL = {"torch", "scipy", "lib", "segmentor"}
+
+
+def _local_names() -> set[str]:
+  """Names that import from this repository: its root packages and the modules of scripts/
+  (which the scripts and the tests have on sys.path)."""
+  def is_module(p: pathlib.Path) -> bool:
+    return p.suffix == ".py" or (p / "__init__.py").exists()
+  return ({p.name for p in REPO.iterdir() if (p / "__init__.py").exists()}
+          | {p.stem for p in (REPO / "scripts").iterdir() if is_module(p)})
 
 
 def _declared() -> tuple[set[str], dict[str, set[str]]]:
@@ -79,9 +87,10 @@ def test_every_imported_third_party_package_is_declared():
   reqs, extras = _declared()
   declared = reqs.union(*extras.values())
   providers = importlib.metadata.packages_distributions()
+  local = _local_names()
   missing = []
   for root, (at_module, where) in sorted(_imports(_code_files()).items()):
-    if root in LOCAL or root in sys.stdlib_module_names or root == "__future__":
+    if root in local or root in sys.stdlib_module_names or root == "__future__":
       continue
     if not at_module and root in OPTIONAL:
       continue

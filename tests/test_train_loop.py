@@ -4,7 +4,6 @@ stops cleanly on SIGTERM, survives SIGKILL, and resumes exactly (bitwise equal p
 Every run is a subprocess of `python -m pixcon_jax.main`; they share a persistent compilation
 cache so restarts do not recompile.
 """
-import os
 import pathlib
 import shutil
 import signal
@@ -15,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+
+import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 16
@@ -41,11 +42,7 @@ TINY = [
 
 
 def _env(cache_dir):
-  # Backend optimisation off: the tiny runs compile ~2x faster; every run uses the same flags.
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-              XLA_FLAGS="--xla_backend_optimization_level=0",
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+  return helpers.subprocess_env(cache_dir=cache_dir)
 
 
 def _cmd(workdir):

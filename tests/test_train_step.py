@@ -6,7 +6,6 @@ the worker (`--worker-devices <ref.npz> <recipe>...` or `--worker-process <out.n
 The module fixture starts the three workers at once; the 8-device run of the first is the
 reference of both tests.
 """
-import os
 import pathlib
 import shutil
 import socket
@@ -16,6 +15,8 @@ import tempfile
 
 import numpy as np
 import pytest
+
+import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -183,9 +184,6 @@ def workers():
   """Starts the 8-vs-1-device worker and the two joined processes at once; waits for all."""
   # Not pytest's tmp_path: concurrent pytest sessions rotate /tmp/pytest-of-<user>.
   root = pathlib.Path(tempfile.mkdtemp(prefix="pixcon_train_step_"))
-  # Backend optimisation off: the tiny step compiles ~2x faster; the same for every worker.
-  opt0 = " --xla_backend_optimization_level=0"
-  base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   ref, multi, port = root / "ref.npz", root / "multi.npz", str(_free_port())
   specs = {"devices": (["--worker-devices", str(ref), "paper"], 8)}
   for pid in ("0", "1"):
@@ -193,7 +191,7 @@ def workers():
   procs = {name: subprocess.Popen(
       [sys.executable, __file__, *args], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True,
-      env=dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}" + opt0))
+      env=helpers.subprocess_env(devices=n))
            for name, (args, n) in specs.items()}
   try:
     outputs = {name: p.communicate(timeout=900) for name, p in procs.items()}
